@@ -1,0 +1,292 @@
+"""`harness`: the command line. Data -> splits -> train -> eval -> registry -> report.
+
+Every command prints a one-line `error: ...` and exits 1 on bad input.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from harness import data as data_mod
+from harness import splits as splits_mod
+from harness.registry import ENV_VAR as REGISTRY_ENV, Registry, RegistryError, to_json
+
+app = typer.Typer(
+    help="Benchmark harness for self-supervised learning on long-tailed data: SimCLR, SDCLR, "
+         "BCL-I and BCL-D on CIFAR-100-LT, linear probes, a result registry and the paper's tables.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Obtain, validate and inspect CIFAR-100 (python pickle layout).", no_args_is_help=True)
+splits_app = typer.Typer(help="The paper's index splits: fetch, import, verify, show; make new ones.",
+                         no_args_is_help=True)
+runs_app = typer.Typer(help="Browse the result registry: list, show and delete runs.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(splits_app, name="splits")
+app.add_typer(runs_app, name="runs")
+
+KNOWN_ERRORS = (data_mod.DataError, splits_mod.SplitError, RegistryError, FileNotFoundError, ValueError)
+
+RegistryOpt = Annotated[Optional[str], typer.Option(
+    "--registry", help=f"SQLAlchemy URL of the result registry (default: ${REGISTRY_ENV} or "
+                       "sqlite:///results/registry.db).")]
+DataRootOpt = Annotated[Path, typer.Option("--root", help="Folder that holds (or will hold) cifar-100-python/.")]
+SplitsRootOpt = Annotated[Optional[Path], typer.Option(
+    "--splits-root", help=f"Folder of the paper's split files (default: ${splits_mod.ENV_VAR} or splits/paper).")]
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn the harness's own exceptions into one-line errors and exit code 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KNOWN_ERRORS as e:
+            fail(str(e))
+    return wrapper
+
+
+# -- data ----------------------------------------------------------------------------------
+
+@data_app.command("prepare")
+@friendly_errors
+def data_prepare(
+    root: DataRootOpt = data_mod.DEFAULT_ROOT,
+    download: Annotated[bool, typer.Option("--download", help="Download the official archive (md5-checked).")] = False,
+    from_: Annotated[Optional[Path], typer.Option("--from", help="Import a local cifar-100-python folder, "
+                                                  "validated by content (e.g. ../shared/data).")] = None,
+    synthetic: Annotated[bool, typer.Option("--synthetic", help="Write a small synthetic dataset in the same "
+                                            "layout, for smoke tests.")] = False,
+    per_class: Annotated[int, typer.Option(help="Synthetic: train images per class (test gets the same).")] = 10,
+    seed: Annotated[int, typer.Option(help="Synthetic: random seed.")] = 0,
+) -> None:
+    """Put CIFAR-100 under ROOT/cifar-100-python, from exactly one source, atomically."""
+    if sum([download, from_ is not None, synthetic]) != 1:
+        fail("choose exactly one source: --download, --from PATH or --synthetic")
+    if from_ is not None:
+        d = data_mod.import_folder(from_, root)
+    elif synthetic:
+        if per_class < 1:
+            fail("--per-class must be at least 1")
+        d = data_mod.make_synthetic(root, per_class=per_class, seed=seed)
+    else:
+        d = data_mod.download(root)
+    s = data_mod.summary(d)
+    kind = "the real CIFAR-100" if s["real_cifar100"] else "not the official CIFAR-100 (digests differ)"
+    typer.echo(f"prepared {data_mod.dataset_dir(root)}: {s['train_images']} train / {s['test_images']} test "
+               f"images, {s['classes']} classes; {kind}")
+
+
+@data_app.command("info")
+@friendly_errors
+def data_info(root: DataRootOpt = data_mod.DEFAULT_ROOT,
+              as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Counts, content digests, and whether ROOT holds the real CIFAR-100."""
+    s = data_mod.summary(data_mod.load_cifar100(root))
+    if as_json:
+        typer.echo(json.dumps(s, indent=2))
+        return
+    typer.echo(f"folder:       {data_mod.dataset_dir(root)}")
+    typer.echo(f"train images: {s['train_images']} ({s['train_per_class']} per class)")
+    typer.echo(f"test images:  {s['test_images']} ({s['test_per_class']} per class)")
+    typer.echo(f"classes:      {s['classes']}")
+    for k, v in s["digests"].items():
+        mark = "ok" if data_mod.REAL_DIGESTS[k] == v else "differs from CIFAR-100"
+        typer.echo(f"sha256 {k:<13} {v} ({mark})")
+    typer.echo(f"real CIFAR-100: {'yes' if s['real_cifar100'] else 'no'}")
+
+
+# -- splits ----------------------------------------------------------------------------------
+
+@splits_app.command("import")
+@friendly_errors
+def splits_import(src: Annotated[Path, typer.Argument(help="Folder holding the paper's .npy files "
+                                                      "(any layout), e.g. ../shared/splits.")],
+                  root: SplitsRootOpt = None) -> None:
+    """Copy the paper's split files from a local folder, verifying every sha256."""
+    missing = splits_mod.import_dir(src, root)
+    n = len(splits_mod.paper_entries()) - len(missing)
+    typer.echo(f"imported {n} split files into {splits_mod.resolve_root(root)}")
+    if missing:
+        typer.echo(f"not found in {src}: {', '.join(missing)}")
+
+
+@splits_app.command("fetch")
+@friendly_errors
+def splits_fetch(root: SplitsRootOpt = None) -> None:
+    """Download the paper's split files from their public URLs (see splits/manifest.json) and verify them."""
+    splits_mod.fetch(root)
+    typer.echo(f"all {len(splits_mod.paper_entries())} split files verified in {splits_mod.resolve_root(root)}")
+
+
+@splits_app.command("verify")
+@friendly_errors
+def splits_verify(root: SplitsRootOpt = None) -> None:
+    """Check the present paper split files against the manifest; exit 1 on any mismatch."""
+    status = splits_mod.verify(root)
+    for name, st in status:
+        typer.echo(f"{name:<18} {st}")
+    bad = [n for n, st in status if st not in ("ok", "missing")]
+    present = sum(st == "ok" for _, st in status)
+    typer.echo(f"{present} ok, {sum(st == 'missing' for _, st in status)} missing, {len(bad)} corrupt")
+    if bad:
+        fail(f"digest mismatch: {', '.join(bad)}; import or fetch them again")
+
+
+@splits_app.command("show")
+@friendly_errors
+def splits_show(name: Annotated[str, typer.Argument(help="Split name (see splits/manifest.json) or a .npy path.")],
+                data_root: Annotated[Path, typer.Option("--data-root", help="Dataset folder for the labels.")]
+                = data_mod.DEFAULT_ROOT,
+                root: SplitsRootOpt = None,
+                plot: Annotated[Optional[Path], typer.Option(help="Write a per-class histogram PNG here.")] = None
+                ) -> None:
+    """Length, per-class histogram against the dataset's labels, imbalance ratio."""
+    d = data_mod.load_cifar100(data_root)
+    idx = splits_mod.load_split(name, root, num_images=len(d.train_labels))
+    counts = splits_mod.class_counts(idx, d.train_labels)
+    typer.echo(f"{name}: {len(idx)} indices, {int((counts > 0).sum())} classes present")
+    typer.echo(f"per class: max {counts.max()}, min {counts.min()}, "
+               f"imbalance ratio {splits_mod.imbalance_ratio(counts):.1f}")
+    order = counts.argsort(kind="stable")[::-1]
+    width = 40 / max(counts.max(), 1)
+    for c in order:
+        typer.echo(f"  {d.class_names[c]:<22} {counts[c]:>5} {'#' * max(int(counts[c] * width), 0)}")
+    if plot:
+        splits_mod.plot_histogram(counts, name, plot)
+        typer.echo(f"wrote {plot}")
+
+
+@splits_app.command("make")
+@friendly_errors
+def splits_make(
+    name: Annotated[str, typer.Argument(help="Name of the new pretraining split (k-shot lists get _<k>shot).")],
+    data_root: Annotated[Path, typer.Option("--data-root", help="Dataset whose labels to use.")] = data_mod.DEFAULT_ROOT,
+    max_per_class: Annotated[int, typer.Option(help="Images in the largest class.")] = 450,
+    ratio: Annotated[float, typer.Option(help="Imbalance ratio: largest / smallest class.")] = 100.0,
+    seed: Annotated[int, typer.Option(help="Seed for the class order and the draws.")] = 0,
+    shots: Annotated[str, typer.Option(help="Comma-separated k for k-shot probe lists (empty: none).")] = "100,50",
+    exclude: Annotated[Optional[str], typer.Option(help="Split name or .npy whose indices the pretraining "
+                                                   "split must avoid (the paper avoids 'val').")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help=f"Folder for the generated files and their manifest (default: ${splits_mod.GENERATED_ENV_VAR} "
+             "or splits/generated).")] = None,
+) -> None:
+    """Generate a long-tailed pretraining split (exponential profile) and k-shot probe lists."""
+    d = data_mod.load_cifar100(data_root)
+    out = out or splits_mod.generated_dir()
+    ex = splits_mod.load_split(exclude, num_images=len(d.train_labels)) if exclude else None
+    idx = splits_mod.make_long_tailed(d.train_labels, max_per_class, ratio, seed, ex)
+    e = splits_mod.save_generated(name, idx, "pretrain",
+                                  f"long tail max {max_per_class} ratio {ratio} seed {seed}", out)
+    typer.echo(f"{e.name}: {e.length} indices, sha256 {e.sha256[:12]}… -> {out / e.file}")
+    for k in [int(s) for s in shots.split(",") if s.strip()]:
+        kidx = splits_mod.make_k_shot(d.train_labels, k, seed + k)
+        role = {100: "probe-100", 50: "probe-50"}.get(k, "probe-full")
+        ke = splits_mod.save_generated(f"{name}_{k}shot", kidx, role, f"{k} per class, seed {seed + k}", out)
+        typer.echo(f"{ke.name}: {ke.length} indices -> {out / ke.file}")
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+def open_registry(url: str | None) -> Registry:
+    return Registry(url)
+
+
+RUN_COLUMNS = ["id", "method", "split", "seed", "epochs_done", "epochs", "status", "tags", "device", "wall_time_s"]
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+@runs_app.command("list")
+@friendly_errors
+def runs_list(
+    method: Annotated[Optional[str], typer.Option(help="Only this method.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Only this pretraining split.")] = None,
+    status: Annotated[Optional[str], typer.Option(help="pending, running, done, failed or interrupted.")] = None,
+    tag: Annotated[Optional[str], typer.Option(help="Only runs with this tag.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """List runs, newest last."""
+    runs = open_registry(registry).list_runs(method=method, split=split, status=status, tag=tag)
+    if as_json:
+        typer.echo(to_json(runs))
+    elif not runs:
+        typer.echo("no runs")
+    else:
+        typer.echo(format_table(runs, RUN_COLUMNS))
+
+
+@runs_app.command("show")
+@friendly_errors
+def runs_show(run_id: Annotated[int, typer.Argument(help="Run id (see `harness runs list`).")],
+              as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+              registry: RegistryOpt = None) -> None:
+    """A run's configuration, epochs, probe scores and artifacts."""
+    reg = open_registry(registry)
+    run = reg.get_run(run_id)
+    full = {"run": run, "epochs": reg.epochs(run_id), "probes": reg.probes(run_id),
+            "artifacts": reg.artifacts(run_id)}
+    if as_json:
+        typer.echo(to_json(full))
+        return
+    for k, v in run.items():
+        if k != "config":
+            typer.echo(f"{k:<12} {_cell(v)}")
+    typer.echo("config       " + json.dumps(run["config"], sort_keys=True))
+    if full["epochs"]:
+        typer.echo(f"\nepochs logged: {len(full['epochs'])}")
+        typer.echo(format_table(full["epochs"][-5:], ["epoch", "loss", "lr", "images_per_s", "weight_mean"]))
+    if full["probes"]:
+        typer.echo("\nprobes:")
+        typer.echo(format_table(full["probes"], ["kind", "subset", "top1", "top5", "many", "medium", "few", "std"]))
+    if full["artifacts"]:
+        typer.echo("\nartifacts:")
+        typer.echo(format_table(full["artifacts"], ["kind", "epoch", "path", "sha256"]))
+
+
+@runs_app.command("delete")
+@friendly_errors
+def runs_delete(run_id: Annotated[int, typer.Argument(help="Run id to delete with all its metrics.")],
+                yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+                registry: RegistryOpt = None) -> None:
+    """Delete a run and its metrics from the registry (checkpoint files stay on disk)."""
+    reg = open_registry(registry)
+    run = reg.get_run(run_id)
+    if not yes and not typer.confirm(f"delete run {run_id} ({run['method']} {run['split']}, {run['status']})?"):
+        raise typer.Exit(1)
+    reg.delete_run(run_id)
+    typer.echo(f"deleted run {run_id}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,94 @@
+"""The `harness` CLI through typer's runner: help texts, happy paths, error paths."""
+import json
+import pickle
+
+import pytest
+from typer.testing import CliRunner
+
+from harness.cli import app
+from tests.conftest import SHARED_SPLITS
+
+runner = CliRunner()
+
+
+def run(*args, ok=True):
+    res = runner.invoke(app, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+@pytest.mark.parametrize("cmd", [[], ["data"], ["splits"], ["runs"], ["data", "prepare"], ["splits", "make"],
+                                 ["runs", "list"]])
+def test_help(cmd):
+    res = run(*cmd, "--help")
+    assert "Usage" in res.output
+
+
+def test_prepare_info_and_errors(tmp_path):
+    res = run("data", "prepare", "--root", tmp_path, "--synthetic", "--per-class", 2)
+    assert "200 train / 200 test" in res.output
+    res = run("data", "info", "--root", tmp_path, "--json")
+    assert json.loads(res.output)["real_cifar100"] is False
+    res = run("data", "prepare", "--root", tmp_path, ok=False)
+    assert res.exit_code == 1 and "choose exactly one source" in res.output
+    res = run("data", "info", "--root", tmp_path / "missing", ok=False)
+    assert res.exit_code == 1 and "folder not found" in res.output
+    (tmp_path / "cifar-100-python" / "test").write_bytes(b"\x80\x04junk")
+    res = run("data", "info", "--root", tmp_path, ok=False)
+    assert res.exit_code == 1 and "error:" in res.output and "test: not a readable pickle" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_import_from_bad_folder_keeps_old_data(tmp_path):
+    run("data", "prepare", "--root", tmp_path, "--synthetic", "--per-class", 1)
+    bad = tmp_path / "bad" / "cifar-100-python"
+    bad.mkdir(parents=True)
+    pickle.dump({"data": [1, 2, 3]}, open(bad / "train", "wb"))
+    res = run("data", "prepare", "--root", tmp_path, "--from", bad, ok=False)
+    assert res.exit_code == 1 and "fine_labels" in res.output
+    assert "100 train" in run("data", "info", "--root", tmp_path).output.replace("train images: 100", "100 train")
+
+
+def test_splits_make_and_show(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_GENERATED_SPLITS", str(tmp_path / "gen"))
+    run("data", "prepare", "--root", tmp_path, "--synthetic", "--per-class", 30)
+    res = run("splits", "make", "tiny", "--data-root", tmp_path, "--max-per-class", 20, "--ratio", 10,
+              "--shots", "5")
+    assert "tiny_5shot" in res.output
+    res = run("splits", "show", "tiny", "--data-root", tmp_path, "--plot", tmp_path / "h.png")
+    assert "imbalance ratio 10.0" in res.output and (tmp_path / "h.png").stat().st_size > 1000
+    res = run("splits", "show", "nope", "--data-root", tmp_path, ok=False)
+    assert "unknown split 'nope'" in res.output
+
+
+@pytest.mark.skipif(not SHARED_SPLITS.exists(), reason="../shared/splits not present")
+def test_splits_import_verify(tmp_path):
+    res = run("splits", "import", SHARED_SPLITS, "--splits-root", tmp_path)
+    assert "imported 17" in res.output
+    assert "17 ok, 0 missing, 0 corrupt" in run("splits", "verify", "--splits-root", tmp_path).output
+    f = next(tmp_path.rglob("cifar100_split3_D_i.npy"))
+    f.write_bytes(f.read_bytes()[:-8] + b"\0" * 8)
+    res = run("splits", "verify", "--splits-root", tmp_path, ok=False)
+    assert res.exit_code == 1 and "digest mismatch: split3" in res.output
+
+
+def test_runs_commands(tmp_path):
+    url = f"sqlite:///{tmp_path}/r.db"
+    assert "no runs" in run("runs", "list", "--registry", url).output
+    from harness.registry import Registry
+    r = Registry(url)
+    rid = r.create_run("sdclr", "split2", 10, 5, {"lr": 0.5}, tags=["smoke"])
+    r.log_epoch(rid, 1, loss=6.0)
+    out = run("runs", "list", "--registry", url, "--method", "sdclr").output
+    assert "sdclr" in out and "split2" in out
+    assert json.loads(run("runs", "list", "--registry", url, "--json").output)[0]["id"] == rid
+    shown = json.loads(run("runs", "show", rid, "--registry", url, "--json").output)
+    assert shown["run"]["config"] == {"lr": 0.5} and shown["epochs"][0]["loss"] == 6.0
+    assert "config" in run("runs", "show", rid, "--registry", url).output
+    res = run("runs", "show", 42, "--registry", url, ok=False)
+    assert res.exit_code == 1 and "no run with id 42" in res.output
+    run("runs", "delete", rid, "--yes", "--registry", url)
+    assert "no runs" in run("runs", "list", "--registry", url).output
+    res = run("runs", "list", "--registry", "bogus://", ok=False)
+    assert res.exit_code == 1 and "error:" in res.output
