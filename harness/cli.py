@@ -284,6 +284,61 @@ def runs_delete(run_id: Annotated[int, typer.Argument(help="Run id to delete wit
     typer.echo(f"deleted run {run_id}")
 
 
+# -- train -----------------------------------------------------------------------------------
+
+@app.command("train")
+@friendly_errors
+def train_command(
+    method: Annotated[str, typer.Argument(help="simclr, sdclr, bcl-i or bcl-d.")],
+    split: Annotated[str, typer.Option("--split", help="Pretraining split: 1-5 (the paper's), a generated "
+                                       "split name, or a .npy file.")] = "1",
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (paper: 2000).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (paper: 512).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (paper: 0.5).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (paper: 5e-4 SimCLR/BCL-I, "
+                                                          "1e-4 SDCLR/BCL-D).")] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear warm-up epochs (paper: 10).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for init, data order and augmentation (paper: 10).")]
+    = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N epochs (and at the end).")] = 50,
+    monitor_every: Annotated[int, typer.Option(help="kNN accuracy monitor every N epochs (0: off).")] = 0,
+    resume: Annotated[Optional[int], typer.Option(help="Continue run ID exactly where its checkpoint stopped.")]
+    = None,
+    tag: Annotated[Optional[list[str]], typer.Option(help="Tag the run (repeatable).")] = None,
+    data_root: Annotated[Path, typer.Option(help="Dataset folder.")] = data_mod.DEFAULT_ROOT,
+    splits_root: SplitsRootOpt = None,
+    checkpoint_dir: Annotated[Path, typer.Option(help="Where checkpoints go (run<ID>/last.pt).")]
+    = Path("checkpoints"),
+    registry: RegistryOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Pretrain one method on one split with the paper's recipe (every knob overridable).
+
+    The run, its per-epoch metrics and checkpoints go to the registry. Ctrl-C saves a
+    checkpoint and marks the run interrupted; --resume ID continues it exactly.
+    """
+    from harness.train import TrainError, make_config, train
+
+    try:
+        cfg = make_config(method, split, epochs=epochs, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, device=device,
+                          precision=precision, compile=compile, checkpoint_every=checkpoint_every,
+                          monitor_every=monitor_every, tags=tag or [], data_root=str(data_root),
+                          splits_root=str(splits_root) if splits_root else None,
+                          checkpoint_dir=str(checkpoint_dir))
+        result = train(cfg, open_registry(registry), resume=resume, progress=progress)
+    except TrainError as e:
+        fail(str(e))
+    typer.echo(f"run {result['run_id']}: {result['status']} after {result['epochs_done']} epochs; "
+               f"checkpoint {result['checkpoint']}")
+    if result["status"] == "interrupted":
+        typer.echo(f"continue with: harness train {method} --resume {result['run_id']}")
+        raise typer.Exit(130)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

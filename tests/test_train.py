@@ -1,0 +1,134 @@
+"""The training loop end to end on CPU: every method, registry rows, checkpoints, exact resume."""
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from harness import data
+from harness.registry import Registry
+from harness.train import TrainError, Trainer, load_checkpoint, make_config, train
+from tests.conftest import SHARED_CIFAR, has_real_cifar
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny split (48 images) of real CIFAR-100 when ../shared has it, else of synthetic data."""
+    tmp = tmp_path_factory.mktemp("train")
+    if has_real_cifar():
+        root = SHARED_CIFAR
+        labels = data.load_cifar100(root).train_labels
+    else:
+        root = tmp / "data"
+        labels = data.make_synthetic(root, per_class=4).train_labels
+    rng = np.random.default_rng(0)
+    idx = np.sort(rng.choice(len(labels), 48, replace=False))
+    np.save(tmp / "tiny.npy", idx)
+    return {"root": str(root), "split": str(tmp / "tiny.npy"), "tmp": tmp}
+
+
+def config(tiny, method, tmp_path, **kw):
+    kw = {"epochs": 2, "batch_size": 16, "warmup_epochs": 1, **kw}
+    return make_config(method, tiny["split"], data_root=tiny["root"], checkpoint_dir=str(tmp_path / "ck"), **kw)
+
+
+@pytest.mark.parametrize("method", ["simclr", "sdclr", "bcl-i", "bcl-d"])
+def test_two_epochs_end_to_end(tiny, tmp_path, method):
+    reg = Registry(f"sqlite:///{tmp_path}/r.db")
+    out = train(config(tiny, method, tmp_path, monitor_every=2), reg, progress=False)
+    run = reg.get_run(out["run_id"])
+    assert run["status"] == "done" and run["epochs_done"] == 2 and run["finished_at"] is not None
+    assert run["config"]["method"]["name"] == method and run["versions"]["torch"] == torch.__version__
+    epochs = reg.epochs(out["run_id"])
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(np.isfinite(e["loss"]) and e["images_per_s"] > 0 for e in epochs)
+    assert "knn_top1" in epochs[-1]["extra"]
+    if method.startswith("bcl"):
+        assert 0 <= epochs[-1]["weight_q10"] <= epochs[-1]["weight_q90"] <= 1
+    else:
+        assert epochs[-1]["weight_mean"] is None
+    art = reg.latest_checkpoint(out["run_id"])
+    ckpt = load_checkpoint(art["path"], art["sha256"])
+    assert ckpt["epoch"] == 3 and ckpt["method"] == method
+    if method in ("sdclr", "bcl-d"):  # masks travel with the model
+        assert any(k.endswith("mask") for k in ckpt["model"])
+    if method.startswith("bcl"):
+        assert set(ckpt["method_state"]) >= {"s", "w"}
+
+
+def final_state(path):
+    ckpt = torch.load(path, weights_only=False)
+    return ckpt["model"], ckpt["method_state"], ckpt["optimizer"]["state"]
+
+
+def assert_same(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_resume_mid_epoch_is_exact(tiny, tmp_path):
+    """BCL-D carries the most state (masks, memory, weights, u): 4 epochs in one go equal
+    2 epochs + a stop in the middle of epoch 3 + resume."""
+    reg = Registry(f"sqlite:///{tmp_path}/r.db")
+    full = train(config(tiny, "bcl-d", tmp_path / "a", epochs=4), reg, progress=False)
+    part = train(config(tiny, "bcl-d", tmp_path / "b", epochs=4, max_steps=7), reg, progress=False)
+    assert part["status"] == "interrupted" and part["epochs_done"] == 2
+    assert reg.get_run(part["run_id"])["status"] == "interrupted"
+    rest = train(config(tiny, "bcl-d", tmp_path / "b", epochs=4), reg, resume=part["run_id"], progress=False)
+    assert rest["status"] == "done" and rest["run_id"] == part["run_id"]
+    assert_same(final_state(full["checkpoint"]), final_state(rest["checkpoint"]))
+    losses = lambda rid: [e["loss"] for e in reg.epochs(rid)]
+    assert losses(full["run_id"]) == losses(rest["run_id"])
+
+
+def test_ctrl_c_saves_and_marks_interrupted(tiny, tmp_path):
+    reg = Registry(f"sqlite:///{tmp_path}/r.db")
+    trainer = Trainer(config(tiny, "simclr", tmp_path, epochs=50), reg, progress=False)
+    timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    out = trainer.fit()
+    timer.cancel()
+    assert out["status"] == "interrupted"
+    assert reg.get_run(out["run_id"])["status"] == "interrupted"
+    ckpt = load_checkpoint(reg.latest_checkpoint(out["run_id"])["path"])
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (trainer.epoch, trainer.step_in_epoch)
+
+
+def test_resume_errors(tiny, tmp_path):
+    reg = Registry(f"sqlite:///{tmp_path}/r.db")
+    rid = reg.create_run("simclr", "split1", 10, 2, {})
+    with pytest.raises(TrainError, match="no checkpoint to resume from"):
+        train(config(tiny, "simclr", tmp_path), reg, resume=rid, progress=False)
+    out = train(config(tiny, "simclr", tmp_path, epochs=1), reg, progress=False)
+    path = reg.latest_checkpoint(out["run_id"])["path"]
+    with open(path, "r+b") as f:  # corrupt one byte
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(TrainError, match="does not match the sha256"):
+        train(config(tiny, "simclr", tmp_path), reg, resume=out["run_id"], progress=False)
+    os.remove(path)
+    with pytest.raises(TrainError, match="not found"):
+        train(config(tiny, "simclr", tmp_path), reg, resume=out["run_id"], progress=False)
+    with pytest.raises(TrainError, match="not a harness training checkpoint"):
+        torch.save({"state_dict": {}}, tmp_path / "x.pt")
+        load_checkpoint(tmp_path / "x.pt")
+
+
+def test_config_overrides_and_errors():
+    cfg = make_config("bcl-d", "3", epochs=7, lr=0.1)
+    assert cfg.split == "split3" and cfg.method.epochs == 7 and cfg.method.lr == 0.1
+    assert cfg.method.weight_decay == 1e-4 and cfg.method.batch_size == 512
+    with pytest.raises(ValueError, match="unknown method"):
+        make_config("byol")
+    with pytest.raises(TrainError, match="at least 1"):
+        make_config("simclr", epochs=0)
