@@ -1,0 +1,30 @@
+"""SDCLR: dense branch vs. its 90%-pruned self, with stop-gradients (SPEC section 5).
+
+The reference runs the pruned branch twice (once without grad for the first term,
+once with grad for the second). One pass with grad plus detaches gives the same
+gradients: the first term only reaches the dense branch, the second only the pruned.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from methods.base import Method
+from methods.losses import nt_xent_per_sample
+from methods.pruning import global_magnitude_prune
+
+
+class SDCLR(Method):
+    name = "sdclr"
+
+    def on_epoch_start(self, epoch: int) -> None:
+        global_magnitude_prune(self.net, self.cfg.prune_ratio)
+
+    def loss_from_views(self, views: Tensor) -> tuple[Tensor, Tensor]:
+        v1, v2 = views.chunk(2)
+        z1 = self.forward(v1, "dense")
+        z2 = self.forward(v2, "pruned")
+        t = self.cfg.temperature
+        dense_term = nt_xent_per_sample(z1, z2.detach(), t)   # trains the dense branch
+        pruned_term = nt_xent_per_sample(z1.detach(), z2, t)  # trains the pruned branch
+        # BCL tracks the dense term (equal in value to the pruned one, which differs only in gradient)
+        return dense_term.mean() + pruned_term.mean(), dense_term.detach()
