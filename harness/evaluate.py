@@ -1,0 +1,313 @@
+"""Evaluate a checkpoint with the linear-probe protocol and log the scores to the registry.
+
+`harness eval RUN_ID` probes a registry run's latest checkpoint; `harness eval --checkpoint
+FILE` probes a bare file (ours, or the authors' with --format reference --method M) and
+records it as an "external" run. Features are extracted once for every image any probe
+needs; all probes (1 full-shot + 5 x 100-shot + 5 x 50-shot) then train as one batch.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional, Sequence
+
+import numpy as np
+import torch
+import typer
+from tqdm import tqdm
+
+from harness import data as data_mod
+from harness import splits as splits_mod
+from harness.probe import ProbeConfig, ProbeSpec, extract_features, run_probes
+from harness.reference import ReferenceFormatError, reference_network
+from harness.registry import Registry, RegistryError
+from methods.models import build_network
+
+SHOT_KINDS = ("full", "100", "50")
+FEW_SHOT_SUBSETS = (1, 2, 3, 4, 5)
+FORMATS = ("ours", "reference")
+METHODS = ("simclr", "sdclr", "bcl-i", "bcl-d")
+SEED_OFFSET = {"full": 0, "100": 100, "50": 200}  # distinct probe seeds per (kind, subset)
+
+
+class EvalError(RuntimeError):
+    """A checkpoint or request that cannot be evaluated; the message says why."""
+
+
+# -- small pure helpers ----------------------------------------------------------------------
+
+def parse_shots(text: str | Sequence[str]) -> tuple[str, ...]:
+    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    bad = [s for s in items if s not in SHOT_KINDS]
+    if bad or not items:
+        raise EvalError(f"unknown shots {bad or items}; choose from {','.join(SHOT_KINDS)}")
+    return tuple(s for s in SHOT_KINDS if s in items)  # canonical order, no duplicates
+
+
+def probe_lists(shots: Sequence[str]) -> list[tuple[str, int, str]]:
+    """(kind, subset, split name) of every probe; the five few-shot lists whatever the pretraining split."""
+    out = []
+    for kind in shots:
+        if kind == "full":
+            out.append(("full", 0, "full_shot"))
+        else:
+            out += [(kind, k, f"split{k}_{kind}shot") for k in FEW_SHOT_SUBSETS]
+    return out
+
+
+def probe_seed(kind: str, subset: int, base: int = 0) -> int:
+    return 1000 * base + SEED_OFFSET[kind] + subset
+
+
+def pick_device(device: str | None) -> torch.device:
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise EvalError(f"bad --device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def summarize(results: list[dict]) -> dict[str, float]:
+    """Full-shot top-1 and the mean top-1 of the k-shot subsets present."""
+    out = {}
+    for kind in SHOT_KINDS:
+        vals = [r["top1"] for r in results if r["kind"] == kind]
+        if vals:
+            out[kind] = float(np.mean(vals))
+    return out
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+def _torch_load(path: Path) -> object:
+    if not path.is_file():
+        raise EvalError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or holding arbitrary objects
+        raise EvalError(f"{path}: cannot read as a PyTorch checkpoint "
+                        f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def load_model(path: Path, fmt: str = "ours", method: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """The network and what the file says about itself (method, split, epoch, config)."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise EvalError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+    if fmt == "reference":
+        if method is None:
+            raise EvalError("--format reference needs --method (one of " + ", ".join(METHODS) + ")")
+        obj = _torch_load(path)
+        if isinstance(obj, dict) and "model" in obj and "method" in obj:
+            raise EvalError(f"{path} is a harness checkpoint; use --format ours")
+        try:
+            net = reference_network(obj, method)
+        except ReferenceFormatError as e:
+            raise EvalError(f"{path}: {e}") from None
+        epoch = obj.get("epoch") if isinstance(obj, dict) else None
+        return net, {"method": method, "split": None, "epoch": epoch if isinstance(epoch, int) else None,
+                     "config": {}}
+    obj = _torch_load(path)
+    if not (isinstance(obj, dict) and "model" in obj and "method" in obj):
+        hint = " (it looks like the authors' layout: add --format reference --method M)" \
+            if isinstance(obj, dict) and ("state_dict" in obj or any(isinstance(v, torch.Tensor) for v in obj.values())) else ""
+        raise EvalError(f"{path} is not a harness checkpoint: no 'model'/'method' entries{hint}")
+    if method is not None and method != obj["method"]:
+        raise EvalError(f"{path} holds a {obj['method']!r} model, not {method!r}")
+    net = build_network(obj["method"])
+    try:
+        net.load_state_dict(obj["model"])
+    except RuntimeError as e:
+        raise EvalError(f"{path}: weights do not fit a {obj['method']} network: {str(e).splitlines()[0]}") from None
+    return net, {"method": obj["method"], "split": obj.get("split"), "epoch": obj.get("epoch"),
+                 "config": obj.get("config") or {}}
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+def class_counts_for(split: str | None, labels: np.ndarray, splits_root: Path | None) -> np.ndarray | None:
+    """Per-class counts of the pretraining split (None when the split is unknown)."""
+    if not split:
+        return None
+    idx = splits_mod.load_split(split, splits_root, num_images=len(labels))
+    return np.bincount(labels[idx], minlength=data_mod.NUM_CLASSES)
+
+
+def evaluate_network(net: torch.nn.Module, data: data_mod.CifarData, shots: Sequence[str],
+                     splits_root: Path | None, class_counts: np.ndarray | None, device: torch.device,
+                     cfg: ProbeConfig, seed: int = 0, bf16: bool = False, progress: bool = True) -> list[dict]:
+    """Extract features (once per needed image) and train/score every probe as one batch."""
+    lists = probe_lists(shots)
+    n_train = len(data.train_labels)
+    indices = [splits_mod.load_split(name, splits_root, num_images=n_train) for _, _, name in lists]
+    needed = np.unique(np.concatenate(indices))
+    net = net.to(device)
+    train_feats = extract_features(net, data.train_images[needed], device, bf16=bf16)
+    test_feats = extract_features(net, data.test_images, device, bf16=bf16)
+    train_labels = torch.as_tensor(data.train_labels[needed], device=device)
+    test_labels = torch.as_tensor(data.test_labels, device=device)
+    specs = [ProbeSpec(kind, subset, torch.as_tensor(np.searchsorted(needed, idx), device=device),
+                       probe_seed(kind, subset, seed), {"list": name})
+             for (kind, subset, name), idx in zip(lists, indices)]
+    with tqdm(total=cfg.epochs, desc=f"{len(specs)} probes", unit="epoch", disable=not progress,
+              file=sys.stderr) as bar:
+        results = run_probes(specs, train_feats, train_labels, test_feats, test_labels, class_counts, cfg,
+                             on_epoch=lambda _: bar.update(1))
+    for r, s in zip(results, specs):
+        r.update(list=s.extra["list"], seed=s.seed)
+    return results
+
+
+def log_results(registry: Registry, run_id: int, results: list[dict], config: dict) -> None:
+    for r in results:
+        registry.log_probe(run_id, r["kind"], r["subset"], r["top1"], top5=r["top5"], many=r["many"],
+                           medium=r["medium"], few=r["few"], std=r["std"], per_class=r["per_class"],
+                           config={**config, "list": r["list"], "seed": r["seed"], "train_size": r["train_size"]})
+
+
+def _evaluate(registry: Registry, run_id: int, net: torch.nn.Module, split: str | None, checkpoint: Path,
+              sha256: str, fmt: str, data_root: Path, splits_root: Path | None, shots: Sequence[str],
+              epochs: int, device: str | None, seed: int, bf16: bool, progress: bool, ck_epoch) -> dict:
+    shots = parse_shots(shots)
+    dev = pick_device(device)
+    data = data_mod.load_cifar100(data_root)
+    counts = class_counts_for(split, data.train_labels, splits_root)
+    cfg = ProbeConfig(epochs=epochs)
+    t0 = time.perf_counter()
+    results = evaluate_network(net, data, shots, splits_root, counts, dev, cfg, seed, bf16, progress)
+    config = {"epochs": cfg.epochs, "lr": cfg.lr, "final_lr": cfg.final_lr, "weight_decay": cfg.weight_decay,
+              "batch_size": cfg.batch_size, "checkpoint": str(checkpoint), "checkpoint_sha256": sha256,
+              "checkpoint_epoch": ck_epoch, "format": fmt, "device": str(dev), "bf16": bf16,
+              "pretrain_split": split}
+    log_results(registry, run_id, results, config)
+    return {"run_id": run_id, "split": split, "checkpoint": str(checkpoint), "results": results,
+            "summary": summarize(results), "time_s": time.perf_counter() - t0}
+
+
+def evaluate_run(registry: Registry, run_id: int, data_root: Path, splits_root: Path | None,
+                 shots: Sequence[str] = SHOT_KINDS, epochs: int = 500, device: str | None = None,
+                 seed: int = 0, bf16: bool = False, progress: bool = True) -> dict:
+    """Probe the latest checkpoint of registry run `run_id` and log the scores to that run."""
+    run = registry.get_run(run_id)
+    ck = registry.latest_checkpoint(run_id)
+    if ck is None:
+        raise EvalError(f"run {run_id} has no checkpoint in the registry")
+    path = Path(ck["path"])
+    if not path.is_file():
+        raise EvalError(f"checkpoint {path} of run {run_id} not found")
+    sha = data_mod.sha256_file(path)
+    if ck.get("sha256") and ck["sha256"] != sha:
+        raise EvalError(f"checkpoint {path} of run {run_id} has sha256 {sha[:12]}…, the registry "
+                        f"recorded {ck['sha256'][:12]}…; the file changed since it was written")
+    net, info = load_model(path, "ours", run["method"])
+    out = _evaluate(registry, run_id, net, run["split"], path, sha, "ours", data_root, splits_root, shots,
+                    epochs, device, seed, bf16, progress, info["epoch"] if info["epoch"] is not None else ck.get("epoch"))
+    return {**out, "method": run["method"]}
+
+
+def find_external_run(registry: Registry, sha256: str) -> int | None:
+    """Re-evaluating the same file reuses its run row instead of adding a duplicate to the tables."""
+    for r in registry.list_runs(tag="external"):
+        if (r["config"] or {}).get("checkpoint_sha256") == sha256:
+            return r["id"]
+    return None
+
+
+def evaluate_checkpoint(registry: Registry, checkpoint: Path, data_root: Path, splits_root: Path | None,
+                        fmt: str = "ours", method: str | None = None, split: str | None = None,
+                        shots: Sequence[str] = SHOT_KINDS, epochs: int = 500, device: str | None = None,
+                        seed: int = 0, bf16: bool = False, progress: bool = True) -> dict:
+    """Probe a bare checkpoint file and log it as a run with status "done" and tag "external"."""
+    checkpoint = Path(checkpoint)
+    parse_shots(shots)  # fail before the slow part
+    pick_device(device)
+    net, info = load_model(checkpoint, fmt, method)
+    method = info["method"]
+    # the published reference models were pretrained on split 1
+    split = split or info["split"] or "split1"
+    sha = data_mod.sha256_file(checkpoint)
+    run_id = find_external_run(registry, sha)
+    if run_id is None:
+        cfg = info["config"]
+        seed_ = cfg.get("seed")  # -1: unknown (the authors' files do not say)
+        run_id = registry.create_run(method, split, seed=seed_ if isinstance(seed_, int) else -1,
+                                     epochs=int(cfg.get("epochs") or info["epoch"] or 0),
+                                     config={"checkpoint": str(checkpoint), "checkpoint_sha256": sha,
+                                             "format": fmt, "source_config": cfg},
+                                     tags=["external"], status="done")
+        registry.update_run(run_id, epochs_done=int(info["epoch"] or 0))
+    out = _evaluate(registry, run_id, net, split, checkpoint, sha, fmt, data_root, splits_root, shots, epochs,
+                    device, seed, bf16, progress, info["epoch"])
+    return {**out, "method": method}
+
+
+# -- command -----------------------------------------------------------------------------------
+
+def format_results(out: dict) -> str:
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+    lines = [f"run {out['run_id']} ({out['method']}, pretrain split {out['split']}): {out['checkpoint']}",
+             f"{'probe':<10}{'top1':>8}{'top5':>8}{'many':>8}{'medium':>8}{'few':>8}{'std':>8}"]
+    for r in out["results"]:
+        name = "full" if r["kind"] == "full" else f"{r['kind']}/{r['subset']}"
+        lines.append(f"{name:<10}" + "".join(f"{f(r[k]):>8}" for k in ("top1", "top5", "many", "medium", "few", "std")))
+    lines.append("top-1: " + ", ".join(f"{k}-shot {v:.2f}" if k != "full" else f"full-shot {v:.2f}"
+                                      for k, v in out["summary"].items()) + f"  ({out['time_s']:.1f} s)")
+    return "\n".join(lines)
+
+
+def eval_command(
+    run_id: Annotated[Optional[int], typer.Argument(
+        help="Registry run to evaluate (its latest checkpoint). Omit when using --checkpoint.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", help="Evaluate this checkpoint file instead; it is recorded as a run tagged 'external'.")] = None,
+    fmt: Annotated[str, typer.Option(
+        "--format", help="Checkpoint layout: 'ours' (harness training loop) or 'reference' "
+                         "(the authors' MediaBrain-SJTU/BCL files; needs --method).")] = "ours",
+    method: Annotated[Optional[str], typer.Option(
+        "--method", help="simclr, sdclr, bcl-i or bcl-d (required with --format reference).")] = None,
+    split: Annotated[Optional[str], typer.Option(
+        "--split", help="Pretraining split of a --checkpoint model, for the Many/Medium/Few groups "
+                        "(default: from the checkpoint, else split1).")] = None,
+    shots: Annotated[str, typer.Option(
+        "--shots", help="Comma-separated probes: full (40,000 images), 100 and 50 (five lists each).")] = "full,100,50",
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Probe training epochs (the protocol: 500).")] = 500,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="Torch device, e.g. cuda, cuda:1, cpu (default: cuda when available).")] = None,
+    data_root: Annotated[Path, typer.Option(
+        "--data-root", help="Folder that holds cifar-100-python/.")] = data_mod.DEFAULT_ROOT,
+    splits_root: Annotated[Optional[Path], typer.Option(
+        "--splits-root", help=f"Folder of the paper's split files (default: ${splits_mod.ENV_VAR} or splits/paper).")] = None,
+    registry: Annotated[Optional[str], typer.Option(
+        "--registry", help="SQLAlchemy URL of the result registry (default: $HARNESS_REGISTRY or "
+                           "sqlite:///results/registry.db).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Base seed of the probes' init and batch order.")] = 0,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Extract features under bf16 autocast (CUDA only).")] = False,
+) -> None:
+    """Linear-probe a model (SPEC 7): frozen features, 1 full-shot + 5 x 100-shot + 5 x 50-shot probes
+    trained together, scores (top-1/5, per class, Many/Medium/Few) logged to the registry."""
+    def fail(msg: str):
+        typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(1)
+
+    if (run_id is None) == (checkpoint is None):
+        fail("give either RUN_ID or --checkpoint FILE (not both)")
+    if fmt not in FORMATS:
+        fail(f"unknown --format {fmt!r}; one of {', '.join(FORMATS)}")
+    if method is not None and method not in METHODS:
+        fail(f"unknown --method {method!r}; one of {', '.join(METHODS)}")
+    try:
+        reg = Registry(registry)
+        if run_id is not None:
+            out = evaluate_run(reg, run_id, data_root, splits_root, parse_shots(shots), epochs, device, seed, bf16)
+        else:
+            out = evaluate_checkpoint(reg, checkpoint, data_root, splits_root, fmt, method, split,
+                                      parse_shots(shots), epochs, device, seed, bf16)
+    except (EvalError, ReferenceFormatError, data_mod.DataError, splits_mod.SplitError, RegistryError) as e:
+        fail(str(e))
+    typer.echo(format_results(out))

@@ -1,0 +1,450 @@
+"""The paper's tables (and a few plots) from the registry's probe scores.
+
+Table 1: linear-probe top-1 per method for full-shot / 100-shot / 50-shot, mean ± std over
+runs, beside the published numbers (SPEC 8). Table 2: Many / Medium / Few / Std / All for
+one shot. Everything below `report_command` is a pure function of DataFrames, so the
+tables are testable without a database. Only runs with status "done" are averaged in.
+"""
+from __future__ import annotations
+
+import html
+import io
+import sys
+from pathlib import Path
+from typing import Annotated, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import typer
+
+METHOD_ORDER = ("simclr", "sdclr", "bcl-i", "bcl-d")
+METHOD_LABEL = {"simclr": "SimCLR", "sdclr": "SDCLR", "bcl-i": "BCL-I", "bcl-d": "BCL-D"}
+SHOTS = ("full", "100", "50")
+SHOT_LABEL = {"full": "Full-shot", "100": "100-shot", "50": "50-shot"}
+GROUPS = ("many", "medium", "few", "std", "all")
+GROUP_LABEL = {"many": "Many", "medium": "Medium", "few": "Few", "std": "Std", "all": "All"}
+FORMATS = ("term", "markdown", "csv", "latex", "html")
+# Authors' README: pretrained on split 1, one run each, ResNet-18, linear-probe top-1 (%).
+PUBLISHED = {
+    "simclr": {"full": 50.7, "100": 46.3, "50": 42.4},
+    "sdclr": {"full": 55.0, "100": 49.7, "50": 45.6},
+    "bcl-i": {"full": 55.7, "100": 50.1, "50": 45.8},
+    "bcl-d": {"full": 58.7, "100": 52.6, "50": 48.7},
+}
+DASH = "—"
+
+
+# -- selecting and aggregating ---------------------------------------------------------------
+
+def methods_in_order(methods: Sequence[str]) -> list[str]:
+    """The paper's four first (always shown), then any other method present, sorted."""
+    return list(METHOD_ORDER) + sorted(set(methods) - set(METHOD_ORDER))
+
+
+def done_only(runs: pd.DataFrame, probes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(done runs, their probe rows, the excluded runs)."""
+    done = runs[runs["status"] == "done"]
+    return done, probes[probes["run_id"].isin(done["id"])], runs[runs["status"] != "done"]
+
+
+def run_scores(probes: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, kind): metrics averaged over the run's k-shot subsets (full: one subset).
+    Std is recomputed from the averaged group accuracies (population std of the three)."""
+    cols = ["run_id", "method", "split", "kind", "top1", "many", "medium", "few", "std", "subsets"]
+    if probes.empty:
+        return pd.DataFrame(columns=cols)
+    p = probes.assign(**{c: pd.to_numeric(probes[c], errors="coerce") for c in ("top1", "many", "medium", "few")})
+    g = p.groupby(["run_id", "method", "split", "kind"], sort=True)
+    out = g[["top1", "many", "medium", "few"]].mean()
+    out["subsets"] = g.size()
+    out["std"] = out[["many", "medium", "few"]].std(axis=1, ddof=0, skipna=False)
+    return out.reset_index()[cols]
+
+
+def mean_std(values: pd.Series) -> tuple[float, float, int]:
+    """Mean, sample std (ddof 1; NaN for one value) and count of the non-missing values."""
+    v = values.dropna().astype(float)
+    n = len(v)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if n > 1 else float("nan"), n
+
+
+def empty_reason(method: str, runs: pd.DataFrame, done: pd.DataFrame) -> str:
+    if not (runs["method"] == method).any():
+        return "no runs"
+    if not (done["method"] == method).any():
+        return "no done runs"
+    return "not evaluated"
+
+
+def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
+    """Numeric Table 1: per method and shot the mean, std, n over done runs, the published
+    number and the difference; `<shot>_note` says why a cell is empty."""
+    done, dprobes, _ = done_only(runs, probes)
+    scores = run_scores(dprobes)
+    rows = []
+    for m in methods_in_order(list(runs["method"]) + list(probes["method"])):
+        row: dict = {"method": m}
+        for s in SHOTS:
+            mean, std, n = mean_std(scores.loc[(scores["method"] == m) & (scores["kind"] == s), "top1"])
+            paper = PUBLISHED.get(m, {}).get(s, float("nan"))
+            row.update({f"{s}_mean": mean, f"{s}_std": std, f"{s}_n": n, f"{s}_paper": paper,
+                        f"{s}_diff": mean - paper, f"{s}_note": "" if n else empty_reason(m, runs, done)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table2_frame(runs: pd.DataFrame, probes: pd.DataFrame, shot: str = "full") -> pd.DataFrame:
+    """Numeric Table 2 for one shot: Many/Medium/Few/Std/All, mean and std over done runs."""
+    done, dprobes, _ = done_only(runs, probes)
+    scores = run_scores(dprobes)
+    scores = scores[scores["kind"] == shot].rename(columns={"top1": "all"})
+    rows = []
+    for m in methods_in_order(list(runs["method"]) + list(probes["method"])):
+        sel = scores[scores["method"] == m]
+        row: dict = {"method": m}
+        for gname in GROUPS:
+            mean, std, _ = mean_std(sel[gname])
+            row.update({f"{gname}_mean": mean, f"{gname}_std": std})
+        row["n"] = len(sel)
+        row["note"] = "" if len(sel) else empty_reason(m, runs, done)
+        if len(sel) and sel["many"].isna().all():
+            row["note"] = "no class groups"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def report_notes(runs: pd.DataFrame, probes: pd.DataFrame) -> list[str]:
+    """Excluded runs, and done runs whose k-shot probes miss some of the five subsets."""
+    notes = []
+    _, dprobes, excluded = done_only(runs, probes)
+    if len(excluded):
+        states = ", ".join(f"{k} {v}" for k, v in excluded["status"].value_counts().sort_index().items())
+        ids = ", ".join(str(i) for i in excluded["id"])
+        notes.append(f"Excluded {len(excluded)} run(s) whose status is not 'done' ({states}; ids {ids}).")
+    sc = run_scores(dprobes)
+    partial = sc[(sc["kind"] != "full") & (sc["subsets"] < 5)]
+    for _, r in partial.iterrows():
+        notes.append(f"Run {r['run_id']} ({r['method']}): {r['kind']}-shot averages "
+                     f"{r['subsets']} of the 5 subsets.")
+    return notes
+
+
+# -- display -------------------------------------------------------------------------------------
+
+def fmt_mean_std(mean: float, std: float) -> str:
+    if np.isnan(mean):
+        return DASH
+    return f"{mean:.2f}" if np.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def fmt_num(v: float, spec: str = ".1f") -> str:
+    return DASH if v is None or np.isnan(v) else format(v, spec)
+
+
+def table1_display(t1: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    headers = ["Method"]
+    for s in SHOTS:
+        headers += [SHOT_LABEL[s], "Paper", "Δ"]
+    rows = []
+    for _, r in t1.iterrows():
+        row = [METHOD_LABEL.get(r["method"], r["method"])]
+        for s in SHOTS:
+            if r[f"{s}_n"]:
+                cell = f"{fmt_mean_std(r[f'{s}_mean'], r[f'{s}_std'])} (n={r[f'{s}_n']})"
+            else:
+                cell = f"{DASH} ({r[f'{s}_note']})"
+            row += [cell, fmt_num(r[f"{s}_paper"]), fmt_num(r[f"{s}_diff"], "+.2f")]
+        rows.append(row)
+    return headers, rows
+
+
+def table2_display(t2: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    headers = ["Method"] + [GROUP_LABEL[g] for g in GROUPS] + ["n"]
+    rows = []
+    for _, r in t2.iterrows():
+        row = [METHOD_LABEL.get(r["method"], r["method"])]
+        cells = [fmt_mean_std(r[f"{g}_mean"], r[f"{g}_std"]) for g in GROUPS]
+        if r["note"]:  # say why in the first empty cell
+            cells[0] = f"{DASH} ({r['note']})"
+        rows.append(row + cells + [str(r["n"])])
+    return headers, rows
+
+
+def render_term(title: str, headers: list[str], rows: list[list[str]], notes: list[str]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    out = [title, line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    return "\n".join(out + notes) + "\n"
+
+
+def render_markdown(title: str, headers: list[str], rows: list[list[str]], notes: list[str]) -> str:
+    line = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    out = [f"**{title}**", "", line(headers), "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    out += [line(r) for r in rows]
+    if notes:
+        out += [""] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+LATEX_SUBS = [("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
+              ("±", "$\\pm$"), ("Δ", "$\\Delta$"), (DASH, "---")]
+
+
+def latex_escape(s: str) -> str:
+    for a, b in LATEX_SUBS:
+        s = s.replace(a, b)
+    return s
+
+
+def render_latex(title: str, headers: list[str], rows: list[list[str]], notes: list[str]) -> str:
+    line = lambda cells: " & ".join(latex_escape(c) for c in cells) + " \\\\"
+    out = ["\\begin{table}[t]", "\\centering", f"\\caption{{{latex_escape(title)}}}",
+           "\\begin{tabular}{l" + "r" * (len(headers) - 1) + "}", "\\toprule", line(headers), "\\midrule"]
+    out += [line(r) for r in rows]
+    out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    out += [f"% {latex_escape(n)}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def render_html(title: str, headers: list[str], rows: list[list[str]], notes: list[str]) -> str:
+    e = html.escape
+    out = ["<table>", f"<caption>{e(title)}</caption>",
+           "<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr></thead>", "<tbody>"]
+    out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
+    out += ["</tbody>", "</table>"] + [f"<p>{e(n)}</p>" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+RENDERERS = {"term": render_term, "markdown": render_markdown, "latex": render_latex, "html": render_html}
+
+
+def render_csv(frame: pd.DataFrame) -> str:
+    """Machine-readable numbers (not display strings); empty fields for missing values."""
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False, float_format="%.4f", lineterminator="\n")
+    return buf.getvalue()
+
+
+def table1_title() -> str:
+    return ("Table 1: linear-probe top-1 accuracy (%) on CIFAR-100-LT, mean ± std over done runs "
+            "(few-shot: 5 subsets averaged per run first); Paper: authors' README (split 1, one run)")
+
+
+def table2_title(shot: str) -> str:
+    return (f"Table 2: {SHOT_LABEL[shot]} top-1 accuracy (%) by class group of the pretraining split "
+            "(Many 34 / Medium 33 / Few 33 classes; Std: population std of the three), mean ± std over done runs")
+
+
+def render_report(runs: pd.DataFrame, probes: pd.DataFrame, fmt: str = "term", shot: str = "full",
+                  tables: Sequence[int] = (1, 2)) -> str:
+    """The requested tables in one format (csv: numeric blocks, each after a '# Table N' line)."""
+    notes = report_notes(runs, probes)
+    parts = []
+    for t in tables:
+        frame = table1_frame(runs, probes) if t == 1 else table2_frame(runs, probes, shot)
+        if fmt == "csv":
+            head = f"# Table 1 (top-1 %)\n" if t == 1 else f"# Table 2 ({shot}-shot groups, %)\n"
+            parts.append((head if len(tables) > 1 else "") + render_csv(frame))
+            continue
+        headers, rows = table1_display(frame) if t == 1 else table2_display(frame)
+        title = table1_title() if t == 1 else table2_title(shot)
+        parts.append(RENDERERS[fmt](title, headers, rows, notes))
+    return "\n".join(parts)
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+def per_class_points(probes: pd.DataFrame, counts_by_split: dict[str, np.ndarray], shot: str) -> pd.DataFrame:
+    """(method, run_id, class, count, acc): each run's per-class accuracy (k-shot: averaged
+    over its subsets) against the class's count in that run's pretraining split."""
+    recs = []
+    sel = probes[(probes["kind"] == shot) & probes["split"].isin(list(counts_by_split))]
+    for (run_id, method, split), g in sel.groupby(["run_id", "method", "split"]):
+        pcs = [np.asarray(p, dtype=float) for p in g["per_class"] if p is not None and len(p)]
+        if not pcs:
+            continue
+        acc = np.mean(pcs, axis=0)
+        for c, (n, a) in enumerate(zip(counts_by_split[split], acc)):
+            recs.append({"method": method, "run_id": run_id, "class": c, "count": int(n), "acc": float(a)})
+    return pd.DataFrame(recs, columns=["method", "run_id", "class", "count", "acc"])
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_per_class(points: pd.DataFrame, shot: str, out: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods_in_order(points["method"].unique()):
+        p = points[points["method"] == m].sort_values("count")
+        if p.empty:
+            continue
+        dots = ax.scatter(p["count"].clip(lower=1), p["acc"], s=6, alpha=0.25)
+        # running mean over 20 neighbouring classes shows the trend through the scatter
+        trend = p["acc"].rolling(20, min_periods=1, center=True).mean()
+        ax.plot(p["count"].clip(lower=1), trend, color=dots.get_facecolor()[0][:3], label=METHOD_LABEL.get(m, m))
+    ax.set(xscale="log", xlabel="images of the class in the pretraining split",
+           ylabel=f"{SHOT_LABEL[shot]} per-class accuracy (%)", title="Per-class accuracy vs class size")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_groups(t2: pd.DataFrame, shot: str, out: Path) -> None:
+    plt = _pyplot()
+    t2 = t2[(t2["n"] > 0) & t2["many_mean"].notna()]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / max(len(t2), 1)
+    x = np.arange(3)
+    for i, (_, r) in enumerate(t2.iterrows()):
+        means = [r[f"{g}_mean"] for g in ("many", "medium", "few")]
+        errs = [0 if np.isnan(r[f"{g}_std"]) else r[f"{g}_std"] for g in ("many", "medium", "few")]
+        ax.bar(x + i * width, means, width, yerr=errs, capsize=3, label=METHOD_LABEL.get(r["method"], r["method"]))
+    ax.set_xticks(x + width * (len(t2) - 1) / 2, ["Many", "Medium", "Few"])
+    ax.set(ylabel=f"{SHOT_LABEL[shot]} accuracy (%)", title="Accuracy by class group")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_training(epochs: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None:
+    """Loss per epoch for every run; BCL sample-weight quantiles for runs that logged them."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    label = {r["id"]: f"{METHOD_LABEL.get(r['method'], r['method'])} {r['split']} #{r['id']}"
+             for _, r in runs.iterrows()}
+    weighted = []
+    for run_id, e in epochs.groupby("run_id"):
+        ax1.plot(e["epoch"], e["loss"], lw=1, label=label.get(run_id, str(run_id)))
+        if "weight_q50" in e and e["weight_q50"].notna().any():
+            weighted.append((run_id, e))
+    ax1.set(xlabel="epoch", ylabel="training loss", title="Loss")
+    ax1.legend(fontsize=7)
+    for run_id, e in weighted:
+        line, = ax2.plot(e["epoch"], e["weight_q50"], lw=1, label=f"{label.get(run_id, run_id)} median")
+        ax2.fill_between(e["epoch"], e["weight_q10"], e["weight_q90"], color=line.get_color(), alpha=0.15)
+        ax2.fill_between(e["epoch"], e["weight_q25"], e["weight_q75"], color=line.get_color(), alpha=0.25)
+    if weighted:
+        ax2.legend(fontsize=7)
+    else:
+        ax2.text(0.5, 0.5, "no BCL weights logged", ha="center", va="center", transform=ax2.transAxes)
+    ax2.set(xlabel="epoch", ylabel="sample weight w", title="BCL weights (median, 25-75 %, 10-90 %)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def load_class_counts(splits: Sequence[str], data_root: Path, splits_root: Path | None) -> tuple[dict, str]:
+    """Class counts of each pretraining split, and a message naming what could not be loaded."""
+    try:
+        from harness import data as data_mod
+        from harness import splits as splits_mod
+        labels = data_mod.load_cifar100(data_root).train_labels
+    except Exception as e:  # missing module or data: the plot is optional
+        return {}, f"per-class plot skipped: cannot load CIFAR-100 labels ({e})"
+    counts, missing = {}, []
+    for s in splits:
+        try:
+            idx = splits_mod.load_split(s, splits_root, num_images=len(labels))
+            counts[s] = np.bincount(labels[idx], minlength=data_mod.NUM_CLASSES)
+        except Exception as e:
+            missing.append(f"{s} ({e})")
+    return counts, ("per-class plot: skipped splits " + "; ".join(missing)) if missing else ""
+
+
+def write_plots(registry, runs: pd.DataFrame, probes: pd.DataFrame, shot: str, folder: Path,
+                data_root: Path, splits_root: Path | None) -> list[str]:
+    """PNG files into `folder`; returns one message per file written or skipped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done, dprobes, _ = done_only(runs, probes)
+    msgs = []
+    counts, msg = load_class_counts(sorted(dprobes["split"].unique()), data_root, splits_root)
+    if msg:
+        msgs.append(msg)
+    points = per_class_points(dprobes, counts, shot)
+    if points.empty:
+        msgs.append("per-class plot skipped: no per-class scores with known split counts")
+    else:
+        plot_per_class(points, shot, folder / f"per_class_vs_count_{shot}.png")
+        msgs.append(f"wrote {folder / f'per_class_vs_count_{shot}.png'}")
+    t2 = table2_frame(runs, probes, shot)
+    if (t2["n"] > 0).any() and t2["many_mean"].notna().any():
+        plot_groups(t2, shot, folder / f"groups_{shot}.png")
+        msgs.append(f"wrote {folder / f'groups_{shot}.png'}")
+    else:
+        msgs.append("group plot skipped: no group scores")
+    ep = registry.epoch_frame(list(done["id"])) if len(done) else pd.DataFrame()
+    if ep.empty:
+        msgs.append("training curves skipped: no epoch metrics for done runs")
+    else:
+        plot_training(ep, done, folder / "training_curves.png")
+        msgs.append(f"wrote {folder / 'training_curves.png'}")
+    return msgs
+
+
+# -- command -----------------------------------------------------------------------------------
+
+def report_command(
+    shot: Annotated[str, typer.Option("--shot", help="Probe for Table 2 and the plots: full, 100 or 50.")] = "full",
+    fmt: Annotated[str, typer.Option("--format", help="term, markdown, csv (numbers), latex or html.")] = "term",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the tables to this file instead of stdout.")] = None,
+    plots: Annotated[Optional[Path], typer.Option(
+        "--plots", help="Folder for PNG plots: per-class accuracy vs class size, group bars, training curves.")] = None,
+    table: Annotated[str, typer.Option("--table", help="Which tables: 1, 2 or all.")] = "all",
+    method: Annotated[Optional[str], typer.Option("--method", help="Only runs of this method.")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Only runs pretrained on this split.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Only runs with this target epoch count.")] = None,
+    tag: Annotated[Optional[str], typer.Option("--tag", help="Only runs carrying this tag.")] = None,
+    registry: Annotated[Optional[str], typer.Option(
+        "--registry", help="SQLAlchemy URL of the result registry (default: $HARNESS_REGISTRY or "
+                           "sqlite:///results/registry.db).")] = None,
+    data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding cifar-100-python/ (class counts "
+                                                                "for the per-class plot).")] = Path("data"),
+    splits_root: Annotated[Optional[Path], typer.Option(
+        "--splits-root", help="Folder of the paper's split files (default: $HARNESS_SPLITS or splits/paper).")] = None,
+) -> None:
+    """Print the paper's tables from the registry: Table 1 (top-1 per shot vs the published
+    numbers) and Table 2 (Many/Medium/Few/Std/All); only runs with status 'done' count."""
+    from harness.registry import Registry, RegistryError
+
+    def fail(msg: str):
+        typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(1)
+
+    if shot not in SHOTS:
+        fail(f"unknown --shot {shot!r}; one of {', '.join(SHOTS)}")
+    if fmt not in FORMATS:
+        fail(f"unknown --format {fmt!r}; one of {', '.join(FORMATS)}")
+    tables = {"1": (1,), "2": (2,), "all": (1, 2)}.get(table)
+    if tables is None:
+        fail(f"unknown --table {table!r}; one of 1, 2, all")
+    filters = dict(method=method, split=split, epochs=epochs, tag=tag)
+    try:
+        reg = Registry(registry)
+        runs, probes = reg.runs_frame(**filters), reg.probe_frame(**filters)
+    except RegistryError as e:
+        fail(str(e))
+    text = render_report(runs, probes, fmt, shot, tables)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+        except OSError as e:
+            fail(f"cannot write {out}: {e}")
+        typer.echo(f"wrote {out}", err=True)
+    if fmt == "csv":  # notes stay out of the machine-readable output
+        for n in report_notes(runs, probes):
+            typer.echo(n, err=True)
+    if plots is not None:
+        for msg in write_plots(reg, runs, probes, shot, plots, data_root, splits_root):
+            typer.echo(msg, err=True)

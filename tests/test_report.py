@@ -1,0 +1,151 @@
+"""Report tables from a seeded registry, compared with golden files (UPDATE_GOLDEN=1 rewrites them)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from harness.registry import Registry
+from harness.report import (
+    FORMATS, per_class_points, plot_per_class, render_report, report_command, run_scores, table1_frame,
+    table2_frame,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def log(reg, run_id, kind, subset, top1, groups=True):
+    g = dict(many=top1 + 10, medium=top1, few=top1 - 10, std=float(np.std([10, 0, -10]))) if groups else {}
+    reg.log_probe(run_id, kind, subset, top1, top5=top1 + 20, per_class=[top1] * 100, **g)
+
+
+def seed_registry(url: str) -> Registry:
+    """Known rows; expected numbers are worked out in the comments."""
+    reg = Registry(url)
+    new = lambda method, split, status="done", tags=(): reg.create_run(method, split, 10, 2000, {}, tags=tags,
+                                                                        status=status)
+    # SimCLR: two done runs -> full (50+52)/2 = 51.00 ± 1.41; 100-shot 46 and 48 -> 47.00 ± 1.41;
+    # 50-shot 40 and 42 -> 41.00 ± 1.41
+    for run, full, k100, k50 in ((new("simclr", "split1"), 50.0, 46.0, 40.0),
+                                 (new("simclr", "split2", tags=("paper",)), 52.0, 48.0, 42.0)):
+        log(reg, run, "full", 0, full)
+        for s, d in enumerate((-2, -1, 0, 1, 2), start=1):
+            log(reg, run, "100", s, k100 + d)
+            log(reg, run, "50", s, k50)
+    # SDCLR: full 55.5 and 54.5 -> 55.00 ± 0.71; 100-shot only 3 subsets of run 4 (-> note)
+    r3 = new("sdclr", "split1")
+    log(reg, r3, "full", 0, 55.5)
+    r4 = new("sdclr", "split2")
+    log(reg, r4, "full", 0, 54.5)
+    for s, v in ((1, 49.0), (2, 50.0), (3, 51.0)):
+        log(reg, r4, "100", s, v)
+    # BCL-I: only a running run -> excluded, "no done runs"; a failed SimCLR run -> excluded
+    log(reg, new("bcl-i", "split1", "running"), "full", 0, 90.0)
+    log(reg, new("simclr", "split3", "failed"), "full", 0, 10.0)
+    # another method, done, no group scores; BCL-D has no runs at all
+    log(reg, new("moco", "split1"), "full", 0, 40.0, groups=False)
+    # a done BCL-D run that was never evaluated would say "not evaluated"; here BCL-D has none
+    reg.log_epoch(1, 1, loss=5.0, weight_mean=0.5, weight_q10=0.1, weight_q25=0.3, weight_q50=0.5,
+                  weight_q75=0.7, weight_q90=0.9)
+    reg.log_epoch(1, 2, loss=4.5, weight_mean=0.5, weight_q10=0.2, weight_q25=0.3, weight_q50=0.5,
+                  weight_q75=0.6, weight_q90=0.8)
+    return reg
+
+
+@pytest.fixture()
+def reg(tmp_path):
+    return seed_registry(f"sqlite:///{tmp_path / 'reg.db'}")
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.is_file(), f"{path} missing: run with UPDATE_GOLDEN=1 and inspect it"
+    assert text == path.read_text()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_report_matches_golden(reg, fmt):
+    text = render_report(reg.runs_frame(), reg.probe_frame(), fmt, "full")
+    ext = {"term": "txt", "markdown": "md", "csv": "csv", "latex": "tex", "html": "html"}[fmt]
+    check_golden(f"report_full.{ext}", text)
+
+
+def test_table2_few_shot_golden(reg):
+    check_golden("report_table2_100.txt", render_report(reg.runs_frame(), reg.probe_frame(), "term", "100", (2,)))
+
+
+def test_table1_numbers(reg):
+    t1 = table1_frame(reg.runs_frame(), reg.probe_frame()).set_index("method")
+    assert list(t1.index) == ["simclr", "sdclr", "bcl-i", "bcl-d", "moco"]
+    assert t1.loc["simclr", "full_mean"] == pytest.approx(51.0)
+    assert t1.loc["simclr", "full_std"] == pytest.approx(np.sqrt(2))
+    assert t1.loc["simclr", "full_n"] == 2  # the failed run is not averaged in
+    assert t1.loc["simclr", "100_mean"] == pytest.approx(47.0)
+    assert t1.loc["simclr", "full_diff"] == pytest.approx(51.0 - 50.7)
+    assert t1.loc["sdclr", "100_n"] == 1 and t1.loc["sdclr", "50_note"] == "not evaluated"
+    assert t1.loc["bcl-i", "full_note"] == "no done runs"
+    assert t1.loc["bcl-d", "full_note"] == "no runs"
+    assert np.isnan(t1.loc["moco", "full_paper"])
+
+
+def test_table2_groups(reg):
+    t2 = table2_frame(reg.runs_frame(), reg.probe_frame(), "full").set_index("method")
+    assert t2.loc["simclr", "many_mean"] == pytest.approx(61.0)
+    assert t2.loc["simclr", "few_mean"] == pytest.approx(41.0)
+    assert t2.loc["simclr", "std_mean"] == pytest.approx(np.std([61, 51, 41]))
+    assert t2.loc["moco", "note"] == "no class groups"
+
+
+def test_run_scores_average_subsets_first(reg):
+    sc = run_scores(reg.probe_frame(status="done"))
+    r = sc[(sc["run_id"] == 1) & (sc["kind"] == "100")].iloc[0]
+    assert r["top1"] == pytest.approx(46.0) and r["subsets"] == 5
+    assert r["many"] == pytest.approx(56.0)
+
+
+def test_filters_through_command(reg, tmp_path):
+    app = typer.Typer()
+    app.command()(report_command)
+    out = tmp_path / "t.md"
+    r = CliRunner().invoke(app, ["--registry", reg.url, "--method", "simclr", "--table", "1",
+                                 "--format", "markdown", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    assert "51.00 ± 1.41 (n=2)" in text and "55.00" not in text
+    assert "| BCL-D | — (no runs) |" in text
+    assert "Excluded 1 run(s) whose status is not 'done' (failed 1; ids 6)." in text
+    r = CliRunner().invoke(app, ["--registry", reg.url, "--tag", "paper", "--table", "1"])
+    assert r.exit_code == 0 and "52.00 (n=1)" in r.output
+    r = CliRunner().invoke(app, ["--registry", reg.url, "--format", "xml"])
+    assert r.exit_code == 1 and "unknown --format" in r.output
+
+
+def test_plots(reg, tmp_path):
+    app = typer.Typer()
+    app.command()(report_command)
+    folder = tmp_path / "plots"
+    r = CliRunner().invoke(app, ["--registry", reg.url, "--plots", str(folder), "--data-root",
+                                 str(tmp_path / "nodata")])
+    assert r.exit_code == 0, r.output
+    assert "per-class plot skipped" in r.output  # no CIFAR labels here
+    assert (folder / "groups_full.png").stat().st_size > 1000
+    assert (folder / "training_curves.png").stat().st_size > 1000
+    # with the class counts given, the per-class plot is drawn
+    pts = per_class_points(reg.probe_frame(status="done"), {"split1": np.arange(100)}, "full")
+    assert set(pts["method"]) == {"simclr", "sdclr", "moco"} and len(pts) == 300
+    plot_per_class(pts, "full", tmp_path / "pc.png")
+    assert (tmp_path / "pc.png").stat().st_size > 1000
+
+
+def test_empty_registry(tmp_path):
+    reg = Registry(f"sqlite:///{tmp_path / 'empty.db'}")
+    text = render_report(reg.runs_frame(), reg.probe_frame(), "term")
+    assert text.count("— (no runs)") == 4 * 3 + 4
