@@ -116,6 +116,18 @@ def _div(a, b) -> torch.Tensor:
     return torch.div(a, b)
 
 
+_CONSTANTS: dict = {}
+
+
+def _const(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor, cached per device: building one from a Python list on
+    CUDA is a blocking host-to-device copy that would stall the launch queue."""
+    key = (values, dtype, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONSTANTS[key]
+
+
 def _round_half_up(x: torch.Tensor) -> torch.Tensor:
     """C round() for x >= 0 (half away from zero); x - floor(x) is exact, so ties are exact."""
     fl = torch.floor(x)
@@ -332,7 +344,7 @@ def _rgb_to_hsv(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 # (R, G, B) source for PIL's hsv2rgb cases i % 6, indexing the stack (v, p, q, t)
-_HSV_CASES = [[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]]
+_HSV_CASES = ((0, 3, 1), (2, 0, 1), (1, 0, 3), (1, 2, 0), (3, 1, 0), (0, 1, 2))
 
 
 def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -346,7 +358,7 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     q = _round_half_up(vd * (1.0 - (fs * f).to(F64))).clamp(0, 255)  # fs * f is a float product
     t = _round_half_up(vd * (1.0 - fs.to(F64) * (1.0 - f.to(F64)))).clamp(0, 255)
     cand = torch.stack([vd, p, q, t], dim=1)  # (N, 4, H, W)
-    cases = torch.tensor(_HSV_CASES, device=h.device)[i.to(torch.int64) % 6]  # (N, H, W, 3)
+    cases = _const(_HSV_CASES, torch.int64, h.device)[i.to(torch.int64) % 6]  # (N, H, W, 3)
     rgb = cand.gather(1, cases.permute(0, 3, 1, 2))
     rgb = torch.where((s == 0).unsqueeze(1), vd.unsqueeze(1), rgb)
     return rgb.to(torch.uint8)
@@ -385,6 +397,60 @@ def color_jitter(
         factor = torch.where(fn == 0, brightness, torch.where(fn == 1, contrast, saturation))
         out = torch.where(f == 3, adjust_hue(out, hue), _blend(degenerate, out, factor))
     return out
+
+
+# --------------------------------------------------------------------------------------
+# CUDA graphs: the pipelines are ~1,500 tiny kernels each, so on a GPU they are bound by
+# launch overhead (H200, N=1024: simclr_augment 10-16 ms eagerly, about the same at
+# N=4096). The apply step has no host syncs and no data-dependent shapes, so the public
+# entry points draw the parameters eagerly and replay a graph of the apply step captured
+# once per batch shape (H200, N=1024: simclr_augment 3.9 ms, boosted_randaugment k=2
+# 2.2 ms). Same kernels, so the same bits as eager execution (tested).
+# --------------------------------------------------------------------------------------
+
+USE_CUDA_GRAPHS = True
+_GRAPH_CACHE_SIZE = 8
+_GRAPHS: dict = {}
+
+
+def _graphed(name: str, fn, images: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``fn(images, tensors)``, through a cached CUDA graph when ``images`` is on CUDA."""
+    if not (USE_CUDA_GRAPHS and images.is_cuda) or torch.cuda.is_current_stream_capturing():
+        return fn(images, tensors)
+    key = (name, tuple(images.shape), str(images.device),
+           tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items())))
+    entry = _GRAPHS.get(key)
+    if entry is None:
+        try:
+            entry = _capture(fn, images, tensors)
+        except RuntimeError:  # capture unsupported here: stay eager for this shape
+            entry = False
+        if len(_GRAPHS) >= _GRAPH_CACHE_SIZE:
+            _GRAPHS.pop(next(iter(_GRAPHS)))
+        _GRAPHS[key] = entry
+    if entry is False:
+        return fn(images, tensors)
+    graph, static_images, static_tensors, static_out = entry
+    static_images.copy_(images)
+    for k, v in tensors.items():
+        static_tensors[k].copy_(v)
+    graph.replay()
+    return static_out.clone()
+
+
+def _capture(fn, images: torch.Tensor, tensors: dict[str, torch.Tensor]):
+    static_images = images.clone()
+    static_tensors = {k: v.clone() for k, v in tensors.items()}
+    side = torch.cuda.Stream(device=images.device)
+    side.wait_stream(torch.cuda.current_stream(images.device))
+    with torch.cuda.stream(side):  # warm-up: constant cache, cuBLAS workspace
+        for _ in range(2):
+            fn(static_images, static_tensors)
+    torch.cuda.current_stream(images.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_images, static_tensors)
+    return graph, static_images, static_tensors, static_out
 
 
 def _check_batch(images: torch.Tensor) -> None:
@@ -427,7 +493,7 @@ def simclr_augment_with_params(images: torch.Tensor, generator: torch.Generator)
     _check_batch(images)
     n, _, h, w = images.shape
     params = draw_simclr_params(n, generator, h, w, device=images.device)
-    return apply_simclr(images, params), params
+    return _graphed("simclr", apply_simclr, images, params), params
 
 
 def simclr_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -625,7 +691,7 @@ def cutout(
     y = torch.arange(h, device=images.device).view(1, 1, h, 1)
     x = torch.arange(w, device=images.device).view(1, 1, 1, w)
     inside = (x >= _col(left)) & (x <= _col(right)) & (y >= _col(top)) & (y <= _col(bottom))
-    colour = torch.tensor(fill, dtype=torch.uint8, device=images.device).view(1, 3, 1, 1)
+    colour = _const(tuple(fill), torch.uint8, images.device).view(1, 3, 1, 1)
     return torch.where(inside, colour, images)
 
 
@@ -783,7 +849,9 @@ def boosted_randaugment_with_params(
     """``boosted_randaugment`` that also returns the drawn parameters."""
     _check_batch(images)
     params = draw_randaug_params(images.shape[0], k, weight, generator, device=images.device)
-    return apply_randaug(images, magnitude, params), params
+    tensors = dict(params, magnitude=magnitude.to(device=images.device, dtype=F64).reshape(images.shape[0]))
+    apply = lambda x, t: apply_randaug(x, t["magnitude"], t)  # noqa: E731
+    return _graphed("randaug", apply, images, tensors), params
 
 
 def boosted_randaugment(
