@@ -339,6 +339,52 @@ def train_command(
         raise typer.Exit(130)
 
 
+# -- eval and report ----------------------------------------------------------------------------
+
+from harness.evaluate import eval_command  # noqa: E402  (command functions live beside their logic)
+from harness.report import report_command  # noqa: E402
+
+app.command("eval")(eval_command)
+app.command("report")(report_command)
+
+
+# -- bench -----------------------------------------------------------------------------------
+
+@app.command("bench")
+@friendly_errors
+def bench_command(
+    methods: Annotated[str, typer.Option(help="Comma-separated methods to time.")] = "simclr,sdclr,bcl-i,bcl-d",
+    split: Annotated[str, typer.Option(help="Pretraining split to time on.")] = "1",
+    data_root: Annotated[Path, typer.Option(help="Dataset folder.")] = data_mod.DEFAULT_ROOT,
+    splits_root: SplitsRootOpt = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (and the limit).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Pretraining batch size (paper: 512).")] = 512,
+    timed_epochs: Annotated[int, typer.Option(help="Epochs timed per method after 2 warm-up epochs.")] = 3,
+    probe_epochs: Annotated[int, typer.Option(help="Probe epochs to time (paper: 500).")] = 500,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON here "
+                                                     "(device, versions, date and command included).")] = None,
+) -> None:
+    """Training images/s, s/epoch, projected 2,000-epoch time and peak memory per method; the
+    probe set's time; the backbone's compute limit in the same process, and the authors' figures.
+
+    Without a CUDA device it runs tiny settings and says so.
+    """
+    from harness.bench import BenchSettings, format_bench, run_bench, write_json
+
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    s = BenchSettings(methods=names, split=split, data_root=str(data_root),
+                      splits_root=str(splits_root) if splits_root else None, device=device,
+                      precision=precision, compile=compile, batch_size=batch_size, timed_epochs=timed_epochs,
+                      probe_epochs=probe_epochs)
+    result = run_bench(s, log=lambda m: typer.echo(m, err=True))
+    typer.echo(format_bench(result))
+    if json_out:
+        write_json(result, json_out)
+        typer.echo(f"wrote {json_out}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -52,6 +52,7 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"
     checkpoint_every: int = 50        # epochs; the last epoch is always saved
     monitor_every: int = 0            # kNN monitor every N epochs (0: off)
+    monitor_size: int = 2000          # test images the kNN monitor classifies
     tags: list[str] = field(default_factory=list)
     max_steps: int | None = None      # stop after this many steps in this call (benchmarks, tests)
 
@@ -235,8 +236,8 @@ class Trainer:
 
         self.images, labels, data = load_pretraining_images(cfg, self.device)
         self.labels = torch.from_numpy(labels).to(self.device)
-        self.test_images = torch.from_numpy(data.test_images[:2000]).to(self.device)
-        self.test_labels = torch.from_numpy(data.test_labels[:2000]).to(self.device)
+        self.test_images = torch.from_numpy(data.test_images[:cfg.monitor_size]).to(self.device)
+        self.test_labels = torch.from_numpy(data.test_labels[:cfg.monitor_size]).to(self.device)
         self.n = len(self.images)
         self.steps_per_epoch = math.ceil(self.n / mc.batch_size)  # the last partial batch is kept
         self.total_steps = mc.epochs * self.steps_per_epoch
@@ -256,6 +257,7 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=self.device)   # this epoch's summed loss so far
         self.wall_time = 0.0
         self.last_lr: float | None = None
+        self.steps_this_call = 0
 
         if ckpt is None:
             dev_name, versions, rev = environment(self.device)
@@ -320,31 +322,12 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=mc.epochs, initial=self.epoch - 1, unit="epoch", dynamic_ncols=True,
                        desc=f"{mc.name} {self.cfg.split} run {self.run_id}")
-        steps_this_call, status = 0, "running"
+        self.steps_this_call = 0
         try:
             with deferred_interrupt() as interrupt:
-                while self.epoch <= mc.epochs:
-                    t0 = time.perf_counter()
-                    if self.step_in_epoch == 0:
-                        self.method.on_epoch_start(self.epoch)
-                        self.perm = torch.randperm(self.n, generator=self.order_gen)
-                        self.loss_sum = torch.zeros((), device=self.device)
-                    perm = self.perm.to(self.device)
-                    self.method.net.train()
-                    while self.step_in_epoch < self.steps_per_epoch:
-                        if interrupt["stop"] or (self.cfg.max_steps is not None
-                                                 and steps_this_call >= self.cfg.max_steps):
-                            status = "interrupted"
-                            break
-                        loss = self._step(perm)
-                        self.loss_sum += loss.detach() * self._batch_len()
-                        self.step_in_epoch += 1
-                        steps_this_call += 1
-                    self.wall_time += self._sync_time(t0)
-                    if status == "interrupted":
-                        break
-                    self._end_epoch(t0, bar)
-                status = "done" if self.epoch > mc.epochs else "interrupted"
+                while self.epoch <= mc.epochs and self.run_epoch(interrupt, bar):
+                    pass
+            status = "done" if self.epoch > mc.epochs else "interrupted"
         except KeyboardInterrupt:  # second Ctrl-C: the step may be half done, keep the last checkpoint
             reg.update_run(self.run_id, status="interrupted", wall_time_s=self.wall_time)
             raise
@@ -363,6 +346,28 @@ class Trainer:
         reg.update_run(self.run_id, **fields)
         return {"run_id": self.run_id, "status": status, "epochs_done": self.epoch - 1,
                 "checkpoint": str(self.checkpoint_path)}
+
+    def run_epoch(self, interrupt: dict | None = None, bar=None) -> bool:
+        """Run (the rest of) the current epoch; False if stopped early by Ctrl-C or max_steps."""
+        t0 = time.perf_counter()
+        if self.step_in_epoch == 0:
+            self.method.on_epoch_start(self.epoch)
+            self.perm = torch.randperm(self.n, generator=self.order_gen)
+            self.loss_sum = torch.zeros((), device=self.device)
+        perm = self.perm.to(self.device)
+        self.method.net.train()
+        while self.step_in_epoch < self.steps_per_epoch:
+            if (interrupt and interrupt["stop"]) or (self.cfg.max_steps is not None
+                                                     and self.steps_this_call >= self.cfg.max_steps):
+                self.wall_time += self._sync_time(t0)
+                return False
+            loss = self._step(perm)
+            self.loss_sum += loss.detach() * self._batch_len()
+            self.step_in_epoch += 1
+            self.steps_this_call += 1
+        self.wall_time += self._sync_time(t0)
+        self._end_epoch(t0, bar)
+        return True
 
     def _batch_len(self) -> int:
         start = (self.step_in_epoch) * self.cfg.method.batch_size

@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
 
 
 def config(tiny, method, tmp_path, **kw):
-    kw = {"epochs": 2, "batch_size": 16, "warmup_epochs": 1, **kw}
+    kw = {"epochs": 2, "batch_size": 16, "warmup_epochs": 1, "monitor_size": 64, **kw}
     return make_config(method, tiny["split"], data_root=tiny["root"], checkpoint_dir=str(tmp_path / "ck"), **kw)
 
 
@@ -68,6 +68,10 @@ def assert_same(a, b):
         assert a.keys() == b.keys()
         for k in a:
             assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
     elif isinstance(a, torch.Tensor):
         assert torch.equal(a, b)
     else:

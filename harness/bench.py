@@ -1,0 +1,223 @@
+"""`harness bench`: how fast the harness trains and probes, against the compute limit of
+the backbone (measured in the same process) and the authors' code (SPEC 9).
+
+Throughput is counted in image passes (forward + backward of one 32x32 view): every
+method runs two views of each pretraining image per epoch.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.registry import Registry
+from harness.train import Trainer, autocast, make_config, resolve_device, resolve_precision
+
+# The authors' code on one H200 with 16 CPU cores, 8 loader workers, split 1 (SPEC 9).
+REFERENCE = {
+    "device": "NVIDIA H200 (authors' code, measured as SPEC 9 reports)",
+    "seconds_per_epoch": {"simclr": 3.3, "bcl-i": 3.6, "sdclr": 3.65, "bcl-d": 4.0},
+    "probe_seconds_one_full_shot": 30.0,
+    "peak_memory_gb": 9.5,
+    "compute_limit_img_s": {"fp32": 23_400, "bf16": 67_700, "bf16+compile": 92_100},
+}
+PAPER_EPOCHS = 2000
+
+
+@dataclass
+class BenchSettings:
+    methods: tuple[str, ...] = ("simclr", "sdclr", "bcl-i", "bcl-d")
+    split: str = "1"
+    data_root: str = "data"
+    splits_root: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    batch_size: int = 512
+    warmup_epochs: int = 2       # untimed: compilation, cuDNN autotuning, BCL memory filled
+    timed_epochs: int = 3
+    probe_epochs: int = 500
+    limit_steps: int = 30
+    tiny: bool = False           # CPU: a small split and few steps, figures not comparable
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compute_limit(device: torch.device, precision: str, compile: bool, batch: int, steps: int) -> float:
+    """Image passes/s of plain ResNet-18 + head train steps on device-resident random batches."""
+    from methods.models import build_network
+
+    net = build_network("simclr").to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    fwd = torch.compile(net) if compile else net
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with autocast(device, precision):
+            loss = fwd(x).float().square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(max(3, steps // 5)):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def bench_method(name: str, s: BenchSettings, data_root: str, split: str) -> dict:
+    device = resolve_device(s.device)
+    epochs = PAPER_EPOCHS if not s.tiny else 10
+    with tempfile.TemporaryDirectory() as tmp:
+        reg = Registry(f"sqlite:///{tmp}/bench.db")
+        cfg = make_config(name, split, epochs=epochs, batch_size=s.batch_size, device=s.device,
+                          precision=s.precision, compile=s.compile, data_root=data_root,
+                          splits_root=s.splits_root, checkpoint_dir=tmp, checkpoint_every=10**9)
+        tr = Trainer(cfg, reg, progress=False)
+        for _ in range(s.warmup_epochs):
+            tr.run_epoch()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(s.timed_epochs):
+            tr.run_epoch()
+        _sync(device)
+        epoch_s = (time.perf_counter() - t0) / s.timed_epochs
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        losses = [e["loss"] for e in reg.epochs(tr.run_id)]
+    return {"method": name, "images": tr.n, "steps_per_epoch": tr.steps_per_epoch, "seconds_per_epoch": epoch_s,
+            "images_per_s": tr.n / epoch_s, "image_passes_per_s": 2 * tr.n / epoch_s,
+            "projected_2000_epochs_min": epoch_s * PAPER_EPOCHS / 60, "peak_memory_gb": peak,
+            "losses": losses}
+
+
+def bench_probes(device: torch.device, probe_epochs: int, tiny: bool) -> dict:
+    """Feature extraction of 50k train + 10k test images and the 11 probes (1 full, 5x100, 5x50)
+    on features of the real sizes; timing does not depend on the pixel values."""
+    from harness.probe import ProbeConfig, ProbeSpec, extract_features, run_probes
+    from methods.models import build_network
+
+    g = torch.Generator().manual_seed(0)
+    n_train, n_test = (2000, 500) if tiny else (50_000, 10_000)
+    images = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g)
+    net = build_network("bcl-d").to(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    feats = extract_features(net, images, device, bf16=device.type == "cuda")
+    _sync(device)
+    t_feat = time.perf_counter() - t0
+    labels = torch.randint(0, 100, (n_train + n_test,), generator=g).to(device)
+    sizes = [("full", 0, 40_000)] + [("100", k, 10_000) for k in range(1, 6)] + [("50", k, 5_000) for k in range(1, 6)]
+    if tiny:
+        sizes = [(k, s, max(200, n // 25)) for k, s, n in sizes]
+    specs = [ProbeSpec(kind, sub, torch.randperm(n_train, generator=g)[:n].to(device), 1000 + i)
+             for i, (kind, sub, n) in enumerate(sizes)]
+    _sync(device)
+    t0 = time.perf_counter()
+    run_probes(specs, feats[:n_train], labels[:n_train], feats[n_train:], labels[n_train:], None,
+               ProbeConfig(epochs=probe_epochs))
+    _sync(device)
+    return {"feature_seconds": t_feat, "probe_seconds": time.perf_counter() - t0, "probes": len(specs),
+            "probe_epochs": probe_epochs}
+
+
+def tiny_split(data_root: str) -> tuple[str, str]:
+    """A 256-image split of whatever data is there (synthetic if none): for CPU runs."""
+    from harness import data as data_mod
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        labels = data_mod.load_cifar100(Path(data_root)).train_labels
+        root = data_root
+    except data_mod.DataError:
+        root = str(tmp / "data")
+        labels = data_mod.make_synthetic(Path(root), per_class=3).train_labels
+    idx = np.sort(np.random.default_rng(0).choice(len(labels), min(256, len(labels)), replace=False))
+    np.save(tmp / "tiny.npy", idx)
+    return root, str(tmp / "tiny.npy")
+
+
+def run_bench(s: BenchSettings, log=print) -> dict:
+    device = resolve_device(s.device)
+    precision = resolve_precision(s.precision, device)
+    if device.type != "cuda" and not s.tiny:
+        log("no CUDA device: running with tiny settings (256-image split, batch 64, 1+1 epochs, "
+            "10 probe epochs); the figures say nothing about GPU speed")
+        s.tiny = True
+    if s.tiny:
+        s.batch_size, s.warmup_epochs, s.timed_epochs = min(s.batch_size, 64), 1, 1
+        s.probe_epochs, s.limit_steps = min(s.probe_epochs, 10), 3
+        data_root, split = tiny_split(s.data_root)
+    else:
+        data_root, split = s.data_root, s.split
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+           "precision": precision, "compile": s.compile, "batch_size": s.batch_size, "tiny": s.tiny,
+           "split": split if not s.tiny else "tiny (256 images)",
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join(["harness"] + sys.argv[1:]) if sys.argv[0].endswith("harness") else " ".join(sys.argv),
+           "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                        "cuda": torch.version.cuda}, "reference": REFERENCE, "methods": []}
+    log(f"compute limit: ResNet-18 train steps, batch {2 * s.batch_size}, {precision}"
+        f"{' + compile' if s.compile else ''} ...")
+    out["compute_limit_img_s"] = compute_limit(device, precision, s.compile, 2 * s.batch_size, s.limit_steps)
+    for name in s.methods:
+        log(f"{name}: {s.warmup_epochs} warm-up + {s.timed_epochs} timed epochs ...")
+        r = bench_method(name, s, data_root, split)
+        r["ratio_to_limit"] = r["image_passes_per_s"] / out["compute_limit_img_s"]
+        ref = REFERENCE["seconds_per_epoch"][name]
+        r["reference_seconds_per_epoch"] = ref
+        r["speedup_vs_reference"] = ref / r["seconds_per_epoch"]
+        out["methods"].append(r)
+    log(f"probes: {s.probe_epochs} epochs ...")
+    out["probes"] = bench_probes(device, s.probe_epochs, s.tiny)
+    return out
+
+
+def format_bench(r: dict) -> str:
+    lines = [f"device {r['device']}, {r['precision']}{' + compile' if r['compile'] else ''}, batch {r['batch_size']}, "
+             f"split {r['split']}{'  [TINY CPU SETTINGS: not comparable to GPU figures]' if r['tiny'] else ''}",
+             f"compute limit (ResNet-18 train steps on resident random batches): "
+             f"{r['compute_limit_img_s']:,.0f} image passes/s", ""]
+    head = (f"{'method':<8} {'img/s':>9} {'passes/s':>10} {'s/epoch':>8} {'2000 ep':>9} {'peak GB':>8} "
+            f"{'of limit':>9} {'ref s/ep':>9} {'speed-up':>9}")
+    lines += [head, "-" * len(head)]
+    for m in r["methods"]:
+        peak = f"{m['peak_memory_gb']:.1f}" if m["peak_memory_gb"] is not None else "-"
+        lines.append(f"{m['method']:<8} {m['images_per_s']:>9,.0f} {m['image_passes_per_s']:>10,.0f} "
+                     f"{m['seconds_per_epoch']:>8.3f} {m['projected_2000_epochs_min']:>7.1f} m {peak:>8} "
+                     f"{m['ratio_to_limit']:>8.0%} {m['reference_seconds_per_epoch']:>9.2f} "
+                     f"{m['speedup_vs_reference']:>8.1f}x")
+    by = {m["method"]: m for m in r["methods"]}
+    if "simclr" in by and "bcl-d" in by:
+        lines.append(f"\nBCL-D / SimCLR epoch time: {by['bcl-d']['seconds_per_epoch'] / by['simclr']['seconds_per_epoch']:.2f}x")
+    p = r["probes"]
+    lines.append(f"probe set: {p['probes']} probes x {p['probe_epochs']} epochs in {p['probe_seconds']:.1f} s "
+                 f"+ features {p['feature_seconds']:.1f} s (reference: ~{REFERENCE['probe_seconds_one_full_shot']:.0f} s "
+                 f"for one full-shot probe)")
+    lines.append(f"reference figures: {REFERENCE['device']}")
+    return "\n".join(lines)
+
+
+def write_json(r: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(r, indent=2) + "\n")
