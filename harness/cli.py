@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
+import numpy as np
 import typer
 
 from harness import data as data_mod
@@ -64,7 +65,9 @@ def data_prepare(
                                                   "validated by content (e.g. ../shared/data).")] = None,
     synthetic: Annotated[bool, typer.Option("--synthetic", help="Write a small synthetic dataset in the same "
                                             "layout, for smoke tests.")] = False,
-    per_class: Annotated[int, typer.Option(help="Synthetic: train images per class (test gets the same).")] = 10,
+    per_class: Annotated[int, typer.Option(help="Synthetic: train images per class.")] = 10,
+    test_per_class: Annotated[Optional[int], typer.Option(help="Synthetic: test images per class "
+                                                          "(default: as many as --per-class).")] = None,
     seed: Annotated[int, typer.Option(help="Synthetic: random seed.")] = 0,
 ) -> None:
     """Put CIFAR-100 under ROOT/cifar-100-python, from exactly one source, atomically."""
@@ -75,7 +78,7 @@ def data_prepare(
     elif synthetic:
         if per_class < 1:
             fail("--per-class must be at least 1")
-        d = data_mod.make_synthetic(root, per_class=per_class, seed=seed)
+        d = data_mod.make_synthetic(root, per_class=per_class, test_per_class=test_per_class, seed=seed)
     else:
         d = data_mod.download(root)
     s = data_mod.summary(d)
@@ -167,31 +170,44 @@ def splits_show(name: Annotated[str, typer.Argument(help="Split name (see splits
 @splits_app.command("make")
 @friendly_errors
 def splits_make(
-    name: Annotated[str, typer.Argument(help="Name of the new pretraining split (k-shot lists get _<k>shot).")],
+    name: Annotated[str, typer.Argument(help="Name of the new pretraining split; its probe lists are "
+                                        "NAME_full and NAME_<k>shot_<1..subsets>.")],
     data_root: Annotated[Path, typer.Option("--data-root", help="Dataset whose labels to use.")] = data_mod.DEFAULT_ROOT,
     max_per_class: Annotated[int, typer.Option(help="Images in the largest class.")] = 450,
     ratio: Annotated[float, typer.Option(help="Imbalance ratio: largest / smallest class.")] = 100.0,
     seed: Annotated[int, typer.Option(help="Seed for the class order and the draws.")] = 0,
-    shots: Annotated[str, typer.Option(help="Comma-separated k for k-shot probe lists (empty: none).")] = "100,50",
-    exclude: Annotated[Optional[str], typer.Option(help="Split name or .npy whose indices the pretraining "
-                                                   "split must avoid (the paper avoids 'val').")] = None,
+    shots: Annotated[str, typer.Option(help="Comma-separated k of the k-shot probe lists (empty: none).")] = "100,50",
+    subsets: Annotated[int, typer.Option(help="Lists per k (the paper uses five).")] = 5,
+    full_per_class: Annotated[int, typer.Option(help="Images per class in the full-shot probe list "
+                                                "(0: as many as every class has).")] = 0,
+    exclude: Annotated[Optional[str], typer.Option(help="Split name or .npy whose indices no list may use "
+                                                   "(the paper keeps 'val' out).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help=f"Folder for the generated files and their manifest (default: ${splits_mod.GENERATED_ENV_VAR} "
              "or splits/generated).")] = None,
 ) -> None:
-    """Generate a long-tailed pretraining split (exponential profile) and k-shot probe lists."""
+    """Generate a long-tailed pretraining split (exponential profile) and its probe family:
+    a full-shot list and `subsets` k-shot lists per k drawn from it, as the paper's are.
+    Evaluate with `harness eval RUN --probe-family NAME`."""
     d = data_mod.load_cifar100(data_root)
     out = out or splits_mod.generated_dir()
-    ex = splits_mod.load_split(exclude, num_images=len(d.train_labels)) if exclude else None
-    idx = splits_mod.make_long_tailed(d.train_labels, max_per_class, ratio, seed, ex)
-    e = splits_mod.save_generated(name, idx, "pretrain",
-                                  f"long tail max {max_per_class} ratio {ratio} seed {seed}", out)
-    typer.echo(f"{e.name}: {e.length} indices, sha256 {e.sha256[:12]}… -> {out / e.file}")
-    for k in [int(s) for s in shots.split(",") if s.strip()]:
-        kidx = splits_mod.make_k_shot(d.train_labels, k, seed + k)
-        role = {100: "probe-100", 50: "probe-50"}.get(k, "probe-full")
-        ke = splits_mod.save_generated(f"{name}_{k}shot", kidx, role, f"{k} per class, seed {seed + k}", out)
-        typer.echo(f"{ke.name}: {ke.length} indices -> {out / ke.file}")
+    labels = d.train_labels
+    ex = splits_mod.load_split(exclude, num_images=len(labels)) if exclude else None
+    pool = np.setdiff1d(np.arange(len(labels)), ex) if ex is not None else np.arange(len(labels))
+    idx = splits_mod.make_long_tailed(labels, max_per_class, ratio, seed, ex)
+    made = [splits_mod.save_generated(name, idx, "pretrain", f"long tail max {max_per_class} ratio {ratio} "
+                                      f"seed {seed}", out)]
+    per_class = full_per_class or int(np.bincount(labels[pool], minlength=data_mod.NUM_CLASSES).min())
+    full = splits_mod.make_k_shot(labels, per_class, seed + 1, pool)
+    made.append(splits_mod.save_generated(f"{name}_full", full, "probe-full", f"{per_class} per class", out))
+    for k in [int(x) for x in shots.split(",") if x.strip()]:
+        for j in range(1, subsets + 1):
+            kidx = splits_mod.make_k_shot(labels, k, seed + 1000 * k + j, full)
+            made.append(splits_mod.save_generated(f"{name}_{k}shot_{j}", kidx, f"probe-{k}",
+                                                  f"{k} per class from {name}_full, list {j}", out))
+    for e in made:
+        typer.echo(f"{e.name:<24} {e.length:>6} indices  {e.role:<10} sha256 {e.sha256[:12]}…")
+    typer.echo(f"wrote {len(made)} files and their manifest to {out}")
 
 
 # -- runs ------------------------------------------------------------------------------------
@@ -346,6 +362,68 @@ from harness.report import report_command  # noqa: E402
 
 app.command("eval")(eval_command)
 app.command("report")(report_command)
+
+
+# -- the run matrix ----------------------------------------------------------------------------
+
+@app.command("run")
+@friendly_errors
+def run_command(
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "simclr,sdclr,bcl-i,bcl-d",
+    splits: Annotated[str, typer.Option(help="Pretraining splits: '1-5', '1,3', or generated split names.")] = "1-5",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (paper: 10).")] = "10",
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs per run (paper: 2000).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (paper: 512).")] = None,
+    evaluate: Annotated[bool, typer.Option(help="Linear-probe every finished run.")] = True,
+    shots: Annotated[str, typer.Option(help="Probes to run: full,100,50.")] = "full,100,50",
+    probe_epochs: Annotated[int, typer.Option(help="Probe epochs (protocol: 500).")] = 500,
+    probe_family: Annotated[Optional[str], typer.Option(help="Generated probe lists instead of the paper's.")]
+    = None,
+    devices: Annotated[Optional[str], typer.Option(help="Comma-separated devices, one cell each at a time "
+                                                   "(default: every visible GPU, else cpu).")] = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N epochs.")] = 50,
+    tag: Annotated[Optional[list[str]], typer.Option(help="Tag every run (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would run, and do nothing.")] = False,
+    data_root: Annotated[Path, typer.Option(help="Dataset folder.")] = data_mod.DEFAULT_ROOT,
+    splits_root: SplitsRootOpt = None,
+    checkpoint_dir: Annotated[Path, typer.Option(help="Where checkpoints go.")] = Path("checkpoints"),
+    registry: RegistryOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show the overview bar.")] = True,
+) -> None:
+    """Train and evaluate every (method, split, seed) cell, skipping cells already done in the
+    registry and resuming interrupted ones; one cell per GPU at a time; a failed cell is
+    recorded and the others go on. Ends with a summary table."""
+    from harness import matrix
+    from harness.evaluate import parse_shots
+
+    s = matrix.MatrixSettings(
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), splits=matrix.parse_splits(splits),
+        seeds=matrix.parse_ints(seeds, "seeds"), epochs=epochs, batch_size=batch_size, evaluate=evaluate,
+        shots=parse_shots(shots), probe_epochs=probe_epochs, probe_family=probe_family,
+        data_root=str(data_root), splits_root=str(splits_root) if splits_root else None,
+        checkpoint_dir=str(checkpoint_dir), checkpoint_every=checkpoint_every, precision=precision,
+        compile=compile, registry=registry, tags=tag or [],
+        devices=tuple(d.strip() for d in devices.split(",")) if devices else ())
+    from methods.base import METHODS
+    unknown = [m for m in s.methods if m not in METHODS]
+    if unknown:
+        fail(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    reg = open_registry(registry)
+    if dry_run:
+        rows = [{"cell": c.label(), "action": matrix.plan_cell(reg, c, s)[0],
+                 "run": matrix.plan_cell(reg, c, s)[1], "epochs": s.target_epochs(c.method)}
+                for c in matrix.cells_of(s)]
+        typer.echo(format_table(rows, ["cell", "action", "run", "epochs"]))
+        return
+    results = matrix.run_matrix(s, log=lambda m: typer.echo(m, err=True), progress=progress)
+    rows = matrix.summary_rows(reg, results, s)
+    typer.echo(format_table(rows, ["cell", "action", "run", "status", "full", "100-shot", "50-shot", "minutes",
+                                   "error"]))
+    failed = [r for r in results if r.exit_code not in (0, None)]
+    if failed:
+        fail(f"{len(failed)} of {len(results)} cells failed: {', '.join(r.cell.label() for r in failed)}")
 
 
 # -- bench -----------------------------------------------------------------------------------

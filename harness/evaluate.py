@@ -45,14 +45,18 @@ def parse_shots(text: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(s for s in SHOT_KINDS if s in items)  # canonical order, no duplicates
 
 
-def probe_lists(shots: Sequence[str]) -> list[tuple[str, int, str]]:
-    """(kind, subset, split name) of every probe; the five few-shot lists whatever the pretraining split."""
+def probe_lists(shots: Sequence[str], family: str | None = None) -> list[tuple[str, int, str]]:
+    """(kind, subset, split name) of every probe; the five few-shot lists whatever the pretraining split.
+
+    `family` names a generated set (`harness splits make NAME --probe-family`): NAME_full,
+    NAME_100shot_1..5 and NAME_50shot_1..5, for datasets other than the paper's CIFAR-100."""
     out = []
     for kind in shots:
         if kind == "full":
-            out.append(("full", 0, "full_shot"))
+            out.append(("full", 0, f"{family}_full" if family else "full_shot"))
         else:
-            out += [(kind, k, f"split{k}_{kind}shot") for k in FEW_SHOT_SUBSETS]
+            out += [(kind, k, f"{family}_{kind}shot_{k}" if family else f"split{k}_{kind}shot")
+                    for k in FEW_SHOT_SUBSETS]
     return out
 
 
@@ -140,9 +144,10 @@ def class_counts_for(split: str | None, labels: np.ndarray, splits_root: Path | 
 
 def evaluate_network(net: torch.nn.Module, data: data_mod.CifarData, shots: Sequence[str],
                      splits_root: Path | None, class_counts: np.ndarray | None, device: torch.device,
-                     cfg: ProbeConfig, seed: int = 0, bf16: bool = False, progress: bool = True) -> list[dict]:
+                     cfg: ProbeConfig, seed: int = 0, bf16: bool = False, progress: bool = True,
+                     probe_family: str | None = None) -> list[dict]:
     """Extract features (once per needed image) and train/score every probe as one batch."""
-    lists = probe_lists(shots)
+    lists = probe_lists(shots, probe_family)
     n_train = len(data.train_labels)
     indices = [splits_mod.load_split(name, splits_root, num_images=n_train) for _, _, name in lists]
     needed = np.unique(np.concatenate(indices))
@@ -172,18 +177,19 @@ def log_results(registry: Registry, run_id: int, results: list[dict], config: di
 
 def _evaluate(registry: Registry, run_id: int, net: torch.nn.Module, split: str | None, checkpoint: Path,
               sha256: str, fmt: str, data_root: Path, splits_root: Path | None, shots: Sequence[str],
-              epochs: int, device: str | None, seed: int, bf16: bool, progress: bool, ck_epoch) -> dict:
+              epochs: int, device: str | None, seed: int, bf16: bool, progress: bool, ck_epoch,
+              probe_family: str | None = None) -> dict:
     shots = parse_shots(shots)
     dev = pick_device(device)
     data = data_mod.load_cifar100(data_root)
     counts = class_counts_for(split, data.train_labels, splits_root)
     cfg = ProbeConfig(epochs=epochs)
     t0 = time.perf_counter()
-    results = evaluate_network(net, data, shots, splits_root, counts, dev, cfg, seed, bf16, progress)
+    results = evaluate_network(net, data, shots, splits_root, counts, dev, cfg, seed, bf16, progress, probe_family)
     config = {"epochs": cfg.epochs, "lr": cfg.lr, "final_lr": cfg.final_lr, "weight_decay": cfg.weight_decay,
               "batch_size": cfg.batch_size, "checkpoint": str(checkpoint), "checkpoint_sha256": sha256,
               "checkpoint_epoch": ck_epoch, "format": fmt, "device": str(dev), "bf16": bf16,
-              "pretrain_split": split}
+              "pretrain_split": split, "probe_family": probe_family or "paper"}
     log_results(registry, run_id, results, config)
     return {"run_id": run_id, "split": split, "checkpoint": str(checkpoint), "results": results,
             "summary": summarize(results), "time_s": time.perf_counter() - t0}
@@ -191,7 +197,8 @@ def _evaluate(registry: Registry, run_id: int, net: torch.nn.Module, split: str 
 
 def evaluate_run(registry: Registry, run_id: int, data_root: Path, splits_root: Path | None,
                  shots: Sequence[str] = SHOT_KINDS, epochs: int = 500, device: str | None = None,
-                 seed: int = 0, bf16: bool = False, progress: bool = True) -> dict:
+                 seed: int = 0, bf16: bool = False, progress: bool = True,
+                 probe_family: str | None = None) -> dict:
     """Probe the latest checkpoint of registry run `run_id` and log the scores to that run."""
     run = registry.get_run(run_id)
     ck = registry.latest_checkpoint(run_id)
@@ -206,7 +213,8 @@ def evaluate_run(registry: Registry, run_id: int, data_root: Path, splits_root: 
                         f"recorded {ck['sha256'][:12]}…; the file changed since it was written")
     net, info = load_model(path, "ours", run["method"])
     out = _evaluate(registry, run_id, net, run["split"], path, sha, "ours", data_root, splits_root, shots,
-                    epochs, device, seed, bf16, progress, info["epoch"] if info["epoch"] is not None else ck.get("epoch"))
+                    epochs, device, seed, bf16, progress,
+                    info["epoch"] if info["epoch"] is not None else ck.get("epoch"), probe_family)
     return {**out, "method": run["method"]}
 
 
@@ -221,7 +229,8 @@ def find_external_run(registry: Registry, sha256: str) -> int | None:
 def evaluate_checkpoint(registry: Registry, checkpoint: Path, data_root: Path, splits_root: Path | None,
                         fmt: str = "ours", method: str | None = None, split: str | None = None,
                         shots: Sequence[str] = SHOT_KINDS, epochs: int = 500, device: str | None = None,
-                        seed: int = 0, bf16: bool = False, progress: bool = True) -> dict:
+                        seed: int = 0, bf16: bool = False, progress: bool = True,
+                        probe_family: str | None = None) -> dict:
     """Probe a bare checkpoint file and log it as a run with status "done" and tag "external"."""
     checkpoint = Path(checkpoint)
     parse_shots(shots)  # fail before the slow part
@@ -242,7 +251,7 @@ def evaluate_checkpoint(registry: Registry, checkpoint: Path, data_root: Path, s
                                      tags=["external"], status="done")
         registry.update_run(run_id, epochs_done=int(info["epoch"] or 0))
     out = _evaluate(registry, run_id, net, split, checkpoint, sha, fmt, data_root, splits_root, shots, epochs,
-                    device, seed, bf16, progress, info["epoch"])
+                    device, seed, bf16, progress, info["epoch"], probe_family)
     return {**out, "method": method}
 
 
@@ -288,6 +297,9 @@ def eval_command(
                            "sqlite:///results/registry.db).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Base seed of the probes' init and batch order.")] = 0,
     bf16: Annotated[bool, typer.Option("--bf16", help="Extract features under bf16 autocast (CUDA only).")] = False,
+    probe_family: Annotated[Optional[str], typer.Option(
+        "--probe-family", help="Probe lists of a generated family (`harness splits make NAME --probe-family`) "
+                               "instead of the paper's; for other datasets and smoke runs.")] = None,
 ) -> None:
     """Linear-probe a model (SPEC 7): frozen features, 1 full-shot + 5 x 100-shot + 5 x 50-shot probes
     trained together, scores (top-1/5, per class, Many/Medium/Few) logged to the registry."""
@@ -304,10 +316,11 @@ def eval_command(
     try:
         reg = Registry(registry)
         if run_id is not None:
-            out = evaluate_run(reg, run_id, data_root, splits_root, parse_shots(shots), epochs, device, seed, bf16)
+            out = evaluate_run(reg, run_id, data_root, splits_root, parse_shots(shots), epochs, device, seed, bf16,
+                               probe_family=probe_family)
         else:
             out = evaluate_checkpoint(reg, checkpoint, data_root, splits_root, fmt, method, split,
-                                      parse_shots(shots), epochs, device, seed, bf16)
+                                      parse_shots(shots), epochs, device, seed, bf16, probe_family=probe_family)
     except (EvalError, ReferenceFormatError, data_mod.DataError, splits_mod.SplitError, RegistryError) as e:
         fail(str(e))
     typer.echo(format_results(out))

@@ -6,6 +6,7 @@ A split is a 1-D int64 .npy array of positions in a dataset's train set.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import tempfile
@@ -260,7 +261,7 @@ def make_k_shot(labels: np.ndarray, k: int, seed: int = 0, pool: np.ndarray | No
 def save_generated(name: str, idx: np.ndarray, role: str, description: str,
                    folder: Path | None = None) -> SplitEntry:
     """Write a generated split and record it (name, length, sha256, role) in its manifest."""
-    if role not in ROLES:
+    if role not in ROLES and not re.fullmatch(r"probe-\d+", role):
         raise SplitError(f"unknown role {role!r}; one of {ROLES}")
     if any(e.name == name for e in paper_entries()):
         raise SplitError(f"{name!r} is a paper split name; choose another")

@@ -2,6 +2,7 @@
 import json
 import pickle
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -54,8 +55,12 @@ def test_splits_make_and_show(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_GENERATED_SPLITS", str(tmp_path / "gen"))
     run("data", "prepare", "--root", tmp_path, "--synthetic", "--per-class", 30)
     res = run("splits", "make", "tiny", "--data-root", tmp_path, "--max-per-class", 20, "--ratio", 10,
-              "--shots", "5")
-    assert "tiny_5shot" in res.output
+              "--shots", "5,2", "--subsets", 3)
+    assert "tiny_5shot_3" in res.output and "tiny_2shot_1" in res.output and "wrote 8 files" in res.output
+    from harness import splits
+    full = splits.load_split("tiny_full")
+    assert len(full) == 3000  # every image: 30 per class
+    assert np.isin(splits.load_split("tiny_5shot_2"), full).all()
     res = run("splits", "show", "tiny", "--data-root", tmp_path, "--plot", tmp_path / "h.png")
     assert "imbalance ratio 10.0" in res.output and (tmp_path / "h.png").stat().st_size > 1000
     res = run("splits", "show", "nope", "--data-root", tmp_path, ok=False)

@@ -1,0 +1,219 @@
+"""`harness run`: the run matrix (methods x splits x seeds), trained and evaluated.
+
+Each cell runs in its own process pinned to one device (one cell per GPU at a time);
+all processes share the registry, which is what decides what is left to do: a cell
+whose run is done and evaluated is skipped, a done run without probe scores is only
+evaluated, an interrupted (or failed, or stale running) run with a checkpoint is resumed,
+and anything else starts fresh. A failing cell is recorded and the others go on.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.registry import Registry
+
+RESUMABLE = ("interrupted", "failed", "running")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    split: str
+    seed: int
+
+    def label(self) -> str:
+        return f"{self.method}/{self.split}/seed{self.seed}"
+
+
+@dataclass
+class MatrixSettings:
+    methods: tuple[str, ...] = ("simclr", "sdclr", "bcl-i", "bcl-d")
+    splits: tuple[str, ...] = ("split1", "split2", "split3", "split4", "split5")
+    seeds: tuple[int, ...] = (10,)
+    epochs: int | None = None           # None: the paper's 2,000
+    batch_size: int | None = None
+    evaluate: bool = True
+    shots: tuple[str, ...] = ("full", "100", "50")
+    probe_epochs: int = 500
+    probe_family: str | None = None     # None: the paper's probe lists
+    data_root: str = "data"
+    splits_root: str | None = None
+    checkpoint_dir: str = "checkpoints"
+    checkpoint_every: int = 50
+    precision: str = "auto"
+    compile: bool = False
+    registry: str | None = None
+    tags: list[str] = field(default_factory=list)
+    devices: tuple[str, ...] = ()       # empty: every visible GPU, else the CPU
+
+    def target_epochs(self, method: str) -> int:
+        from methods.base import default_config
+        return self.epochs or default_config(method).epochs
+
+
+def parse_splits(text: str) -> tuple[str, ...]:
+    """'1-5' -> split1..split5; '1,3' -> split1, split3; other names pass through."""
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if "-" in part and all(x.isdigit() for x in part.split("-", 1)):
+            lo, hi = (int(x) for x in part.split("-", 1))
+            if lo > hi:
+                raise ValueError(f"split range {part!r} is empty")
+            out += [f"split{k}" for k in range(lo, hi + 1)]
+        else:
+            out.append(f"split{part}" if part.isdigit() else part)
+    if not out:
+        raise ValueError("no splits given")
+    return tuple(out)
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise ValueError(f"no {what} given")
+    return vals
+
+
+def visible_devices() -> tuple[str, ...]:
+    import torch
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return tuple(f"cuda:{i}" for i in range(n)) or ("cpu",)
+
+
+def cells_of(s: MatrixSettings) -> list[Cell]:
+    return [Cell(m, sp, seed) for sp in s.splits for m in s.methods for seed in s.seeds]
+
+
+def plan_cell(reg: Registry, cell: Cell, s: MatrixSettings) -> tuple[str, int | None]:
+    """(action, run id): skip, eval (done, scores missing), resume, or train (new run)."""
+    runs = reg.list_runs(method=cell.method, split=cell.split, seed=cell.seed, epochs=s.target_epochs(cell.method))
+    done = [r for r in runs if r["status"] == "done"]
+    if done:
+        run = done[-1]
+        if not s.evaluate:
+            return "skip", run["id"]
+        have = {p["kind"] for p in reg.probes(run["id"])}
+        return ("skip" if set(s.shots) <= have else "eval"), run["id"]
+    for run in reversed(runs):
+        if run["status"] in RESUMABLE and reg.latest_checkpoint(run["id"]):
+            return "resume", run["id"]
+    return "train", None
+
+
+def run_cell(cell: Cell, s: MatrixSettings, device: str) -> None:
+    """Body of one cell's process: pin the device, train or resume, then evaluate."""
+    if device.startswith("cuda:"):  # before anything initialises CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        device = "cuda"
+    from harness.evaluate import evaluate_run
+    from harness.train import make_config, train
+
+    reg = Registry(s.registry)
+    action, run_id = plan_cell(reg, cell, s)
+    try:
+        if action in ("train", "resume"):
+            cfg = make_config(cell.method, cell.split, epochs=s.epochs, batch_size=s.batch_size, seed=cell.seed,
+                              device=device, precision=s.precision, compile=s.compile,
+                              checkpoint_every=s.checkpoint_every, tags=list(s.tags) + ["matrix"],
+                              data_root=s.data_root, splits_root=s.splits_root, checkpoint_dir=s.checkpoint_dir)
+            out = train(cfg, reg, resume=run_id if action == "resume" else None, progress=False)
+            run_id = out["run_id"]
+            if out["status"] != "done":
+                raise SystemExit(130)
+        if s.evaluate and action != "skip":
+            evaluate_run(reg, run_id, Path(s.data_root), Path(s.splits_root) if s.splits_root else None,
+                         shots=s.shots, epochs=s.probe_epochs, device=device, progress=False,
+                         probe_family=s.probe_family)
+    except Exception as e:
+        if run_id is not None:
+            reg.update_run(run_id, error=f"{e.__class__.__name__}: {e}\n{traceback.format_exc()[-2000:]}")
+        raise
+
+
+def _cell_process(cell: Cell, s: MatrixSettings, device: str) -> None:
+    try:
+        run_cell(cell, s, device)
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        raise SystemExit(1)
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    action: str
+    device: str = ""
+    exit_code: int | None = None
+    seconds: float = 0.0
+
+
+def run_matrix(s: MatrixSettings, log=print, progress: bool = True, poll_s: float = 0.5) -> list[CellResult]:
+    reg = Registry(s.registry)  # creates or migrates the schema once, before the workers start
+    devices = list(s.devices or visible_devices())
+    todo = [CellResult(c, plan_cell(reg, c, s)[0]) for c in cells_of(s)]
+    work = [r for r in todo if r.action != "skip"]
+    log(f"{len(todo)} cells: {len(todo) - len(work)} already done, {len(work)} to run on "
+        f"{len(devices)} device(s) ({', '.join(devices)})")
+    ctx = mp.get_context("spawn")
+    free, running, queue = list(devices), {}, list(work)
+    bar = None
+    if progress and work:
+        from tqdm import tqdm
+        bar = tqdm(total=len(work), unit="cell", dynamic_ncols=True, desc="matrix")
+    try:
+        while queue or running:
+            while queue and free:
+                r = queue.pop(0)
+                r.device = free.pop(0)
+                p = ctx.Process(target=_cell_process, args=(r.cell, s, r.device), name=r.cell.label())
+                p.start()
+                running[p] = (r, time.perf_counter())
+            for p in [p for p in running if not p.is_alive()]:
+                r, t0 = running.pop(p)
+                p.join()
+                r.exit_code, r.seconds = p.exitcode, time.perf_counter() - t0
+                free.append(r.device)
+                if bar is not None:
+                    bar.update(1)
+                if r.exit_code != 0:
+                    log(f"cell {r.cell.label()} failed (exit {r.exit_code}); the others go on")
+            if bar is not None:
+                failed = sum(1 for x in work if x.exit_code not in (None, 0))
+                bar.set_postfix(running=len(running), left=len(queue), failed=failed)
+            time.sleep(poll_s)
+    except KeyboardInterrupt:  # children got the same Ctrl-C: they checkpoint and stop
+        for p in running:
+            p.join(120)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return todo
+
+
+def summary_rows(reg: Registry, results: list[CellResult], s: MatrixSettings) -> list[dict]:
+    rows = []
+    for r in results:
+        runs = reg.list_runs(method=r.cell.method, split=r.cell.split, seed=r.cell.seed,
+                             epochs=s.target_epochs(r.cell.method))
+        run = runs[-1] if runs else None
+        probes = {(p["kind"], p["subset"]): p["top1"] for p in reg.probes(run["id"])} if run else {}
+        few = lambda k: [v for (kind, _), v in probes.items() if kind == k]
+        mean = lambda xs: round(sum(xs) / len(xs), 2) if xs else None
+        rows.append({"cell": r.cell.label(), "action": r.action, "run": run["id"] if run else None,
+                     "status": run["status"] if run else "-", "full": probes.get(("full", 0)),
+                     "100-shot": mean(few("100")), "50-shot": mean(few("50")),
+                     "minutes": round(r.seconds / 60, 1) if r.seconds else None,
+                     "error": (run.get("error") or "").splitlines()[0][:60] if run and run.get("error")
+                     and r.exit_code not in (0, None) else ""})
+    return rows
