@@ -2,9 +2,19 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-HARNESS := $(BIN)/harness
+# inside the container the project is installed system-wide
+HARNESS ?= $(if $(wildcard $(BIN)/harness),$(BIN)/harness,harness)
 
-.PHONY: setup test smoke reproduce report bench clean
+# smoke: the whole pipeline on CPU in minutes, on synthetic data, in its own folder
+SMOKE   ?= results/smoke
+SMOKE_ENV = HARNESS_REGISTRY=sqlite:///$(SMOKE)/registry.db HARNESS_GENERATED_SPLITS=$(SMOKE)/splits
+
+# reproduce: where the real data comes from (--download, or --from /path/cifar-100-python)
+DATA_SOURCE ?= --download
+SPLITS_FROM ?=
+EPOCHS  ?=
+
+.PHONY: setup test smoke reproduce reproduce-inside report bench clean
 
 setup:  ## create .venv with the pinned versions (constraints.txt) and the project, editable
 	$(PY) -m venv $(VENV)
@@ -14,5 +24,37 @@ setup:  ## create .venv with the pinned versions (constraints.txt) and the proje
 test:   ## the whole test suite (CPU, a few minutes)
 	$(BIN)/python -m pytest -q
 
+smoke:  ## data -> splits -> train (every method, 2 epochs) -> eval -> report, on CPU, synthetic data
+	rm -rf $(SMOKE)
+	$(SMOKE_ENV) $(HARNESS) data prepare --root $(SMOKE)/data --synthetic --per-class 100 --test-per-class 5
+	$(SMOKE_ENV) $(HARNESS) splits make smoke --data-root $(SMOKE)/data --max-per-class 8 --ratio 4 \
+		--full-per-class 100
+	$(SMOKE_ENV) $(HARNESS) run --splits smoke --epochs 2 --batch-size 32 --probe-family smoke \
+		--probe-epochs 20 --devices cpu --data-root $(SMOKE)/data --checkpoint-dir $(SMOKE)/checkpoints \
+		--no-progress
+	$(SMOKE_ENV) $(HARNESS) report --data-root $(SMOKE)/data --plots $(SMOKE)/plots
+	$(SMOKE_ENV) $(HARNESS) report --format markdown --out $(SMOKE)/report.md
+	@echo "smoke: tables in $(SMOKE)/report.md, plots in $(SMOKE)/plots"
+
+reproduce:  ## on a GPU host: build the container and run the paper's whole matrix inside it
+	mkdir -p data results checkpoints splits/paper   # else the engine creates them owned by root
+	HARNESS_UID=$$(id -u) HARNESS_GID=$$(id -g) docker compose build
+	docker compose run --rm harness make reproduce-inside DATA_SOURCE="$(DATA_SOURCE)" EPOCHS="$(EPOCHS)"
+
+reproduce-inside:  ## what `reproduce` runs in the container: data, splits, 4 methods x 5 splits, eval, report
+	$(HARNESS) data info --root data > /dev/null 2>&1 || $(HARNESS) data prepare --root data $(DATA_SOURCE)
+	$(if $(SPLITS_FROM),$(HARNESS) splits import $(SPLITS_FROM),$(HARNESS) splits fetch)
+	$(HARNESS) splits verify
+	$(HARNESS) run --methods simclr,sdclr,bcl-i,bcl-d --splits 1-5 --seeds 10 $(if $(EPOCHS),--epochs $(EPOCHS))
+	$(HARNESS) report --plots results/plots
+	$(HARNESS) report --format markdown --out results/report.md
+	$(HARNESS) report --format csv --out results/report.csv
+
+report: ## the paper's tables from the registry, plus plots in results/plots
+	$(HARNESS) report --plots results/plots
+
+bench:  ## speed per method vs the compute limit and the authors' code (JSON in results/bench/)
+	$(HARNESS) bench --json results/bench/latest.json
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info $(SMOKE)
