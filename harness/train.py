@@ -10,7 +10,6 @@ the loop saves a checkpoint, marks the run interrupted and exits.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import platform
@@ -26,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from harness.data import load_cifar100
+from harness.data import load_cifar100, sha256_file
 from harness.registry import Registry, utcnow
 from harness.splits import load_split
 from methods.base import MethodConfig, build_method, default_config
@@ -107,21 +106,13 @@ def environment(device: torch.device) -> tuple[str, dict, str | None]:
 
 # -- checkpoints ------------------------------------------------------------------------------
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(path: Path, state: dict) -> str:
     """Write atomically (temp file, then rename) and return the file's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-    return sha256_of(path)
+    return sha256_file(path)
 
 
 def load_checkpoint(path: Path, expected_sha256: str | None = None) -> dict:
@@ -129,7 +120,7 @@ def load_checkpoint(path: Path, expected_sha256: str | None = None) -> dict:
     if not path.is_file():
         raise TrainError(f"checkpoint {path} not found; it may have been moved or deleted "
                          "(start a new run instead of --resume)")
-    if expected_sha256 and sha256_of(path) != expected_sha256:
+    if expected_sha256 and sha256_file(path) != expected_sha256:
         raise TrainError(f"checkpoint {path} does not match the sha256 in the registry: "
                          "the file was changed or is corrupt")
     try:

@@ -564,32 +564,31 @@ def _rotate_matrix(degrees: torch.Tensor, height: int, width: int) -> torch.Tens
     return torch.stack([cos, sin, c, -sin, cos, f], dim=1)
 
 
+def _affine_one(images: torch.Tensor, slot: int, value: torch.Tensor) -> torch.Tensor:
+    """Identity affine (1, 0, 0, 0, 1, 0) with coefficient `slot` set per sample."""
+    m = _affine_rows(len(value), images.device)
+    m[slot] = value.to(F64)
+    return affine_nearest(images, torch.stack(m, 1))
+
+
 def shear_x(images: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Output (x, y) samples input (x + v y, y): PIL transform (1, v, 0, 0, 1, 0)."""
-    m = _affine_rows(len(v), images.device)
-    m[1] = v.to(F64)
-    return affine_nearest(images, torch.stack(m, 1))
+    return _affine_one(images, 1, v)
 
 
 def shear_y(images: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Output (x, y) samples input (x, y + v x): PIL transform (1, 0, 0, v, 1, 0)."""
-    m = _affine_rows(len(v), images.device)
-    m[3] = v.to(F64)
-    return affine_nearest(images, torch.stack(m, 1))
+    return _affine_one(images, 3, v)
 
 
 def translate_x(images: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     """Output (x, y) samples input (x + pixels, y), so positive values move content left."""
-    m = _affine_rows(len(pixels), images.device)
-    m[2] = pixels.to(F64)
-    return affine_nearest(images, torch.stack(m, 1))
+    return _affine_one(images, 2, pixels)
 
 
 def translate_y(images: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     """Output (x, y) samples input (x, y + pixels), so positive values move content up."""
-    m = _affine_rows(len(pixels), images.device)
-    m[5] = pixels.to(F64)
-    return affine_nearest(images, torch.stack(m, 1))
+    return _affine_one(images, 5, pixels)
 
 
 def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:

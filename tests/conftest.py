@@ -13,6 +13,18 @@ SHARED_CIFAR = SHARED / "data" / "cifar-100-python"
 SHARED_SPLITS = SHARED / "splits"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only contend on a busy 2-core box (10x slower).
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def has_real_cifar() -> bool:
     return (SHARED_CIFAR / "train").is_file()
 

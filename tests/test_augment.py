@@ -45,13 +45,7 @@ from methods import augment as A
 MAGNITUDES = [0.0, 5.0, 10.0, 13.7, 20.0, 25.5, 30.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only contend on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

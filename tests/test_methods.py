@@ -23,13 +23,7 @@ from methods.models import ContrastiveNet  # noqa: E402
 from methods.sdclr import SDCLR  # noqa: E402
 from methods.simclr import SimCLR  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend (10x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 REAL_AUGMENT = all(callable(getattr(augment, f, None))
