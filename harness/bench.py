@@ -118,7 +118,7 @@ def bench_probes(device: torch.device, probe_epochs: int, tiny: bool) -> dict:
     from methods.models import build_network
 
     g = torch.Generator().manual_seed(0)
-    n_train, n_test = (2000, 500) if tiny else (50_000, 10_000)
+    n_train, n_test = (600, 100) if tiny else (50_000, 10_000)
     images = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g)
     net = build_network("bcl-d").to(device)
     _sync(device)
@@ -129,7 +129,7 @@ def bench_probes(device: torch.device, probe_epochs: int, tiny: bool) -> dict:
     labels = torch.randint(0, 100, (n_train + n_test,), generator=g).to(device)
     sizes = [("full", 0, 40_000)] + [("100", k, 10_000) for k in range(1, 6)] + [("50", k, 5_000) for k in range(1, 6)]
     if tiny:
-        sizes = [(k, s, max(200, n // 25)) for k, s, n in sizes]
+        sizes = [(k, s, n // 100) for k, s, n in sizes]
     specs = [ProbeSpec(kind, sub, torch.randperm(n_train, generator=g)[:n].to(device), 1000 + i)
              for i, (kind, sub, n) in enumerate(sizes)]
     _sync(device)
@@ -142,7 +142,7 @@ def bench_probes(device: torch.device, probe_epochs: int, tiny: bool) -> dict:
 
 
 def tiny_split(data_root: str) -> tuple[str, str]:
-    """A 256-image split of whatever data is there (synthetic if none): for CPU runs."""
+    """A 128-image split of whatever data is there (synthetic if none): for CPU runs."""
     from harness import data as data_mod
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -152,7 +152,7 @@ def tiny_split(data_root: str) -> tuple[str, str]:
     except data_mod.DataError:
         root = str(tmp / "data")
         labels = data_mod.make_synthetic(Path(root), per_class=3).train_labels
-    idx = np.sort(np.random.default_rng(0).choice(len(labels), min(256, len(labels)), replace=False))
+    idx = np.sort(np.random.default_rng(0).choice(len(labels), min(128, len(labels)), replace=False))
     np.save(tmp / "tiny.npy", idx)
     return root, str(tmp / "tiny.npy")
 
@@ -161,7 +161,7 @@ def run_bench(s: BenchSettings, log=print) -> dict:
     device = resolve_device(s.device)
     precision = resolve_precision(s.precision, device)
     if device.type != "cuda" and not s.tiny:
-        log("no CUDA device: running with tiny settings (256-image split, batch 64, 1+1 epochs, "
+        log("no CUDA device: running with tiny settings (128-image split, batch 64, 1+1 epochs, "
             "10 probe epochs); the figures say nothing about GPU speed")
         s.tiny = True
     if s.tiny:
@@ -172,7 +172,7 @@ def run_bench(s: BenchSettings, log=print) -> dict:
         data_root, split = s.data_root, s.split
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
            "precision": precision, "compile": s.compile, "batch_size": s.batch_size, "tiny": s.tiny,
-           "split": split if not s.tiny else "tiny (256 images)",
+           "split": split if not s.tiny else "tiny (128 images)",
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join(["harness"] + sys.argv[1:]) if sys.argv[0].endswith("harness") else " ".join(sys.argv),
            "versions": {"torch": torch.__version__, "python": platform.python_version(),

@@ -97,3 +97,15 @@ def test_runs_commands(tmp_path):
     assert "no runs" in run("runs", "list", "--registry", url).output
     res = run("runs", "list", "--registry", "bogus://", ok=False)
     assert res.exit_code == 1 and "error:" in res.output
+
+
+def test_train_command_errors(tmp_path):
+    url = f"sqlite:///{tmp_path}/r.db"
+    res = run("train", "byol", "--registry", url, ok=False)
+    assert res.exit_code == 1 and "unknown method 'byol'" in res.output
+    res = run("train", "simclr", "--resume", 7, "--registry", url, ok=False)
+    assert res.exit_code == 1 and "no run with id 7" in res.output
+    res = run("train", "simclr", "--split", "9", "--data-root", tmp_path, "--registry", url, ok=False)
+    assert res.exit_code == 1 and "folder not found" in res.output
+    res = run("train", "simclr", "--precision", "fp8", "--registry", url, "--device", "cpu", ok=False)
+    assert res.exit_code == 1 and "choose bf16 or fp32" in res.output

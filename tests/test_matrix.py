@@ -27,7 +27,7 @@ def world(tmp_path, monkeypatch):
     s = MatrixSettings(methods=("simclr", "bcl-d"), splits=("tiny", "missing"), epochs=1, batch_size=16,
                        shots=("full",), probe_epochs=2, probe_family="tiny", data_root=str(tmp_path / "data"),
                        checkpoint_dir=str(tmp_path / "ck"), registry=f"sqlite:///{tmp_path}/r.db",
-                       devices=("cpu",))
+                       devices=("cpu", "cpu"))  # two workers at once share the registry
     return s
 
 

@@ -1,0 +1,42 @@
+"""`harness bench` on CPU: tiny settings, said so, every figure present and consistent."""
+import json
+
+from typer.testing import CliRunner
+
+from harness.bench import REFERENCE, BenchSettings, format_bench, run_bench
+from harness.cli import app
+
+
+def test_cpu_bench_runs_tiny_and_says_so(tmp_path):
+    logs = []
+    r = run_bench(BenchSettings(methods=("simclr", "bcl-d"), data_root=str(tmp_path / "none"), device="cpu"),
+                  log=logs.append)
+    assert r["tiny"] and any("tiny settings" in m for m in logs)
+    assert r["compute_limit_img_s"] > 0
+    for m in r["methods"]:
+        assert m["seconds_per_epoch"] > 0
+        assert abs(m["images_per_s"] * m["seconds_per_epoch"] - m["images"]) < 1e-6 * m["images"]
+        assert abs(m["projected_2000_epochs_min"] - m["seconds_per_epoch"] * 2000 / 60) < 1e-9
+        assert m["speedup_vs_reference"] == REFERENCE["seconds_per_epoch"][m["method"]] / m["seconds_per_epoch"]
+        assert len(m["losses"]) == 2  # one warm-up and one timed epoch, logged like a real run
+    assert r["probes"]["probes"] == 11 and r["probes"]["probe_seconds"] > 0
+    text = format_bench(r)
+    assert "TINY CPU SETTINGS" in text and "BCL-D / SimCLR epoch time" in text and "speed-up" in text
+
+
+def test_bench_command_writes_json(tmp_path, monkeypatch):
+    import harness.bench as bench
+
+    fake = {"device": "cpu (x86_64)", "precision": "fp32", "compile": False, "batch_size": 64, "tiny": True,
+            "split": "tiny", "compute_limit_img_s": 100.0, "reference": REFERENCE,
+            "methods": [{"method": "simclr", "images": 256, "steps_per_epoch": 4, "seconds_per_epoch": 10.0,
+                         "images_per_s": 25.6, "image_passes_per_s": 51.2, "projected_2000_epochs_min": 333.3,
+                         "peak_memory_gb": None, "ratio_to_limit": 0.512, "reference_seconds_per_epoch": 3.3,
+                         "speedup_vs_reference": 0.33, "losses": [6.0, 5.9]}],
+            "probes": {"feature_seconds": 1.0, "probe_seconds": 2.0, "probes": 11, "probe_epochs": 10}}
+    monkeypatch.setattr(bench, "run_bench", lambda s, log: fake)
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(app, ["bench", "--methods", "simclr", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["methods"][0]["seconds_per_epoch"] == 10.0
+    assert "51%" in res.output and "0.3x" in res.output
