@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -157,6 +158,12 @@ def tiny_split(data_root: str) -> tuple[str, str]:
     return root, str(tmp / "tiny.npy")
 
 
+def command_line() -> str:
+    """The command as a user would type it (`harness ...` also when run as python -m harness.cli)."""
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return f"harness {args}" if sys.argv[0].endswith(("harness", "cli.py")) else " ".join(sys.argv)
+
+
 def run_bench(s: BenchSettings, log=print) -> dict:
     device = resolve_device(s.device)
     precision = resolve_precision(s.precision, device)
@@ -174,7 +181,7 @@ def run_bench(s: BenchSettings, log=print) -> dict:
            "precision": precision, "compile": s.compile, "batch_size": s.batch_size, "tiny": s.tiny,
            "split": split if not s.tiny else "tiny (128 images)",
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join(["harness"] + sys.argv[1:]) if sys.argv[0].endswith("harness") else " ".join(sys.argv),
+           "command": command_line(),
            "versions": {"torch": torch.__version__, "python": platform.python_version(),
                         "cuda": torch.version.cuda}, "reference": REFERENCE, "methods": []}
     log(f"compute limit: ResNet-18 train steps, batch {2 * s.batch_size}, {precision}"
