@@ -78,6 +78,9 @@ def empty_reason(method: str, runs: pd.DataFrame, done: pd.DataFrame) -> str:
     return "not evaluated"
 
 
+PAPER_SPLITS = {f"split{k}" for k in range(1, 6)}
+
+
 def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
     """Numeric Table 1: per method and shot the mean, std, n over done runs, the published
     number and the difference; `<shot>_note` says why a cell is empty."""
@@ -88,7 +91,9 @@ def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
         row: dict = {"method": m}
         for s in SHOTS:
             mean, std, n = mean_std(scores.loc[(scores["method"] == m) & (scores["kind"] == s), "top1"])
-            paper = PUBLISHED.get(m, {}).get(s, float("nan"))
+            # published numbers are for the paper's CIFAR-100-LT splits; beside other data they mislead
+            on_paper = set(done.loc[done["method"] == m, "split"]) <= PAPER_SPLITS
+            paper = PUBLISHED.get(m, {}).get(s, float("nan")) if on_paper else float("nan")
             row.update({f"{s}_mean": mean, f"{s}_std": std, f"{s}_n": n, f"{s}_paper": paper,
                         f"{s}_diff": mean - paper, f"{s}_note": "" if n else empty_reason(m, runs, done)})
         rows.append(row)
@@ -123,6 +128,10 @@ def report_notes(runs: pd.DataFrame, probes: pd.DataFrame) -> list[str]:
         states = ", ".join(f"{k} {v}" for k, v in excluded["status"].value_counts().sort_index().items())
         ids = ", ".join(str(i) for i in excluded["id"])
         notes.append(f"Excluded {len(excluded)} run(s) whose status is not 'done' ({states}; ids {ids}).")
+    other = sorted(set(runs.loc[runs["status"] == "done", "split"]) - PAPER_SPLITS)
+    if other:
+        notes.append(f"Runs on splits other than the paper's ({', '.join(other)}): no published numbers beside "
+                     "their methods.")
     sc = run_scores(dprobes)
     partial = sc[(sc["kind"] != "full") & (sc["subsets"] < 5)]
     for _, r in partial.iterrows():

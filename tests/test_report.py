@@ -149,3 +149,14 @@ def test_empty_registry(tmp_path):
     reg = Registry(f"sqlite:///{tmp_path / 'empty.db'}")
     text = render_report(reg.runs_frame(), reg.probe_frame(), "term")
     assert text.count("— (no runs)") == 4 * 3 + 4
+
+
+def test_published_numbers_only_beside_paper_splits(tmp_path):
+    reg = Registry(f"sqlite:///{tmp_path}/r.db")
+    log(reg, reg.create_run("simclr", "split1", 10, 2000, {}, status="done"), "full", 0, 50.0)
+    log(reg, reg.create_run("bcl-d", "mine", 10, 2000, {}, status="done"), "full", 0, 30.0)
+    t1 = table1_frame(reg.runs_frame(), reg.probe_frame()).set_index("method")
+    assert t1.loc["simclr", "full_paper"] == 50.7 and abs(t1.loc["simclr", "full_diff"] + 0.7) < 1e-9
+    assert np.isnan(t1.loc["bcl-d", "full_paper"]) and np.isnan(t1.loc["bcl-d", "full_diff"])
+    text = render_report(reg.runs_frame(), reg.probe_frame(), "term", tables=(1,))
+    assert "splits other than the paper's (mine)" in text
