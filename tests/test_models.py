@@ -254,3 +254,11 @@ def test_channels_last_matches():
     x = torch.rand(2, 3, 32, 32)
     for branch in ("dense", "pruned"):
         torch.testing.assert_close(a(x, branch), b(x, branch), rtol=1e-4, atol=1e-4)
+
+
+def test_kth_smallest_matches_sort_definition():
+    from methods.pruning import kth_smallest
+    x = torch.randn(10_001).abs()
+    x[::7] = x[3]  # ties
+    for k in (1, 2, 5_000, 9_001, 10_001):
+        assert kth_smallest(x, k) == torch.sort(x).values[k - 1]
