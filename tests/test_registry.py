@@ -74,9 +74,14 @@ def test_malformed_url():
 
 
 def test_unreachable_server():
-    # a closed port on loopback: the driver may be missing or the connection refused
-    with pytest.raises(RegistryError, match="unreachable|cannot use"):
-        Registry("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+    # a real PostgreSQL driver (pg8000, pure Python) against a closed port on loopback
+    with pytest.raises(RegistryError, match="is unreachable or unusable.*127.0.0.1.*server is up"):
+        Registry("postgresql+pg8000://nobody@127.0.0.1:1/none")
+
+
+def test_missing_database_driver():
+    with pytest.raises(RegistryError, match="cannot use registry URL"):
+        Registry("mysql+nosuchdriver://nobody@127.0.0.1:1/none")
 
 
 def test_unwritable_sqlite_path(tmp_path):
