@@ -412,9 +412,9 @@ def run_command(
         fail(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     reg = open_registry(registry)
     if dry_run:
-        rows = [{"cell": c.label(), "action": matrix.plan_cell(reg, c, s)[0],
-                 "run": matrix.plan_cell(reg, c, s)[1], "epochs": s.target_epochs(c.method)}
-                for c in matrix.cells_of(s)]
+        plans = [(c, *matrix.plan_cell(reg, c, s)) for c in matrix.cells_of(s)]
+        rows = [{"cell": c.label(), "action": action, "run": run_id, "epochs": s.target_epochs(c.method)}
+                for c, action, run_id in plans]
         typer.echo(format_table(rows, ["cell", "action", "run", "epochs"]))
         return
     results = matrix.run_matrix(s, log=lambda m: typer.echo(m, err=True), progress=progress)

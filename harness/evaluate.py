@@ -303,9 +303,7 @@ def eval_command(
 ) -> None:
     """Linear-probe a model (SPEC 7): frozen features, 1 full-shot + 5 x 100-shot + 5 x 50-shot probes
     trained together, scores (top-1/5, per class, Many/Medium/Few) logged to the registry."""
-    def fail(msg: str):
-        typer.echo(f"error: {msg}", err=True)
-        raise typer.Exit(1)
+    from harness.cli import fail  # the CLI's one-line error; imported here, cli imports this module
 
     if (run_id is None) == (checkpoint is None):
         fail("give either RUN_ID or --checkpoint FILE (not both)")

@@ -422,11 +422,8 @@ def report_command(
 ) -> None:
     """Print the paper's tables from the registry: Table 1 (top-1 per shot vs the published
     numbers) and Table 2 (Many/Medium/Few/Std/All); only runs with status 'done' count."""
+    from harness.cli import fail  # the CLI's one-line error; imported here, cli imports this module
     from harness.registry import Registry, RegistryError
-
-    def fail(msg: str):
-        typer.echo(f"error: {msg}", err=True)
-        raise typer.Exit(1)
 
     if shot not in SHOTS:
         fail(f"unknown --shot {shot!r}; one of {', '.join(SHOTS)}")

@@ -15,7 +15,7 @@ import os
 import platform
 import signal
 import subprocess
-import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -197,7 +197,6 @@ def deferred_interrupt() -> Iterator[dict]:
 
 
 def threading_main() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
@@ -356,12 +355,11 @@ class Trainer:
             self.loss_sum += loss.detach() * self._batch_len()
             self.step_in_epoch += 1
             self.steps_this_call += 1
-        self.wall_time += self._sync_time(t0)
         self._end_epoch(t0, bar)
         return True
 
     def _batch_len(self) -> int:
-        start = (self.step_in_epoch) * self.cfg.method.batch_size
+        start = self.step_in_epoch * self.cfg.method.batch_size
         return min(self.n, start + self.cfg.method.batch_size) - start
 
     def _step(self, perm: torch.Tensor) -> torch.Tensor:
@@ -387,7 +385,8 @@ class Trainer:
     def _end_epoch(self, t0: float, bar) -> None:
         mc, epoch = self.cfg.method, self.epoch
         stats = self.method.on_epoch_end(epoch)
-        epoch_time = self._sync_time(t0)
+        epoch_time = self._sync_time(t0)  # one device sync per epoch
+        self.wall_time += epoch_time
         metrics: dict[str, Any] = {"loss": (self.loss_sum / self.n).item(), "lr": self.last_lr,
                                    "epoch_time_s": epoch_time, "images_per_s": self.n / epoch_time}
         metrics.update({k.replace("w_", "weight_"): v for k, v in stats.items()})
