@@ -42,6 +42,8 @@ class BenchSettings:
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"
+    profile: bool = False        # one more epoch per method under torch.profiler: time per phase
     batch_size: int = 512
     warmup_epochs: int = 2       # untimed: compilation, cuDNN autotuning, BCL memory filled
     timed_epochs: int = 3
@@ -55,7 +57,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compute_limit(device: torch.device, precision: str, compile: bool, batch: int, steps: int) -> float:
+def compute_limit(device: torch.device, precision: str, compile: bool, batch: int, steps: int,
+                  compile_mode: str = "default") -> float:
     """Image passes/s of plain ResNet-18 + head train steps on device-resident random batches."""
     from methods.models import build_network
 
@@ -63,12 +66,14 @@ def compute_limit(device: torch.device, precision: str, compile: bool, batch: in
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    fwd = torch.compile(net) if compile else net
+    fwd = torch.compile(net, mode=compile_mode, dynamic=False) if compile else net
     x = torch.rand(batch, 3, 32, 32, device=device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
+        if compile and compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, precision):
             loss = fwd(x).float().square().mean()
         opt.zero_grad(set_to_none=True)
@@ -91,7 +96,8 @@ def bench_method(name: str, s: BenchSettings, data_root: str, split: str) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         reg = Registry(f"sqlite:///{tmp}/bench.db")
         cfg = make_config(name, split, epochs=epochs, batch_size=s.batch_size, device=s.device,
-                          precision=s.precision, compile=s.compile, data_root=data_root,
+                          precision=s.precision, compile=s.compile, compile_mode=s.compile_mode,
+                          data_root=data_root,
                           splits_root=s.splits_root, checkpoint_dir=tmp, checkpoint_every=10**9)
         tr = Trainer(cfg, reg, progress=False)
         for _ in range(s.warmup_epochs):
@@ -105,11 +111,60 @@ def bench_method(name: str, s: BenchSettings, data_root: str, split: str) -> dic
         _sync(device)
         epoch_s = (time.perf_counter() - t0) / s.timed_epochs
         peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        profile = profile_epoch(tr) if s.profile else None
         losses = [e["loss"] for e in reg.epochs(tr.run_id)]
-    return {"method": name, "images": tr.n, "steps_per_epoch": tr.steps_per_epoch, "seconds_per_epoch": epoch_s,
-            "images_per_s": tr.n / epoch_s, "image_passes_per_s": 2 * tr.n / epoch_s,
-            "projected_2000_epochs_min": epoch_s * PAPER_EPOCHS / 60, "peak_memory_gb": peak,
-            "losses": losses}
+    r = {"method": name, "images": tr.n, "steps_per_epoch": tr.steps_per_epoch, "seconds_per_epoch": epoch_s,
+         "images_per_s": tr.n / epoch_s, "image_passes_per_s": 2 * tr.n / epoch_s,
+         "projected_2000_epochs_min": epoch_s * PAPER_EPOCHS / 60, "peak_memory_gb": peak,
+         "losses": losses}
+    if profile is not None:
+        r["profile"] = profile
+    return r
+
+
+PHASE_PREFIX = "harness/"  # the record_function ranges of methods/ and harness/train.py
+
+
+def profile_epoch(tr: Trainer) -> dict:
+    """One epoch under torch.profiler: host (CPU) and device (kernel) milliseconds per step for
+    each ``harness/<phase>`` range, the epoch's total kernel time and its wall time.
+
+    On CUDA the backward's kernels are launched from autograd's device thread, not inside the
+    ``backward`` range: they are counted apart, as ``backward (autograd thread)``. Per-epoch
+    phases (prune, bcl-weights) are divided by the steps too, so the rows add up to a step.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = tr.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(tr.device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        tr.run_epoch()
+        _sync(tr.device)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    steps = tr.steps_per_epoch
+    phases: dict[str, dict] = {}
+    top_device_us = autograd_device_us = 0.0
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU:
+            continue
+        if e.name.startswith(PHASE_PREFIX):
+            p = phases.setdefault(e.name[len(PHASE_PREFIX):], {"calls": 0, "host_ms": 0.0, "device_ms": 0.0})
+            p["calls"] += 1
+            p["host_ms"] += e.cpu_time_total / 1e3
+            p["device_ms"] += e.device_time_total / 1e3 if cuda else 0.0
+        if cuda and e.cpu_parent is None:  # every kernel hangs under exactly one top-level host event
+            top_device_us += e.device_time_total
+            if e.name.startswith("autograd::engine"):
+                autograd_device_us += e.device_time_total
+    if cuda:
+        phases["backward (autograd thread)"] = {"calls": 0, "host_ms": 0.0, "device_ms": autograd_device_us / 1e3}
+    per_step = {k: {"calls_per_step": v["calls"] / steps, "host_ms": v["host_ms"] / steps,
+                    "device_ms": v["device_ms"] / steps} for k, v in phases.items()}
+    return {"steps": steps, "wall_ms_per_step": wall_ms / steps,
+            "device_ms_per_step": top_device_us / 1e3 / steps if cuda else None, "phases": per_step}
 
 
 def bench_probes(device: torch.device, probe_epochs: int, tiny: bool) -> dict:
@@ -178,15 +233,17 @@ def run_bench(s: BenchSettings, log=print) -> dict:
     else:
         data_root, split = s.data_root, s.split
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
-           "precision": precision, "compile": s.compile, "batch_size": s.batch_size, "tiny": s.tiny,
+           "precision": precision, "compile": s.compile, "compile_mode": s.compile_mode if s.compile else None,
+           "batch_size": s.batch_size, "tiny": s.tiny,
            "split": split if not s.tiny else "tiny (128 images)",
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": command_line(),
            "versions": {"torch": torch.__version__, "python": platform.python_version(),
                         "cuda": torch.version.cuda}, "reference": REFERENCE, "methods": []}
     log(f"compute limit: ResNet-18 train steps, batch {2 * s.batch_size}, {precision}"
-        f"{' + compile' if s.compile else ''} ...")
-    out["compute_limit_img_s"] = compute_limit(device, precision, s.compile, 2 * s.batch_size, s.limit_steps)
+        f"{compile_label(s.compile, s.compile_mode)} ...")
+    out["compute_limit_img_s"] = compute_limit(device, precision, s.compile, 2 * s.batch_size, s.limit_steps,
+                                               s.compile_mode)
     for name in s.methods:
         log(f"{name}: {s.warmup_epochs} warm-up + {s.timed_epochs} timed epochs ...")
         r = bench_method(name, s, data_root, split)
@@ -200,8 +257,37 @@ def run_bench(s: BenchSettings, log=print) -> dict:
     return out
 
 
+def compile_label(compile: bool, mode: str | None) -> str:
+    if not compile:
+        return ""
+    return " + compile" + (f" ({mode})" if mode and mode != "default" else "")
+
+
+def format_profile(r: dict) -> list[str]:
+    """The per-phase table of every profiled method (host and device ms per step)."""
+    rows = [m for m in r["methods"] if "profile" in m]
+    if not rows:
+        return []
+    lines = ["", "profile (one extra epoch under torch.profiler; ms per step, per-epoch phases spread over "
+             "the steps; host = CPU time in the range, device = its kernels' time):"]
+    head = f"{'method':<8} {'phase':<28} {'calls':>6} {'host ms':>8} {'device ms':>10}"
+    lines += [head, "-" * len(head)]
+    for m in rows:
+        p = m["profile"]
+        for i, (phase, v) in enumerate(p["phases"].items()):
+            dev = f"{v['device_ms']:.2f}" if p["device_ms_per_step"] is not None else "-"
+            lines.append(f"{m['method'] if i == 0 else '':<8} {phase:<28} {v['calls_per_step']:>6.2f} "
+                         f"{v['host_ms']:>8.2f} {dev:>10}")
+        busy = p["device_ms_per_step"]
+        tail = (f"device busy {busy:.2f} ms ({busy / p['wall_ms_per_step']:.0%} of wall)" if busy is not None
+                else "no device trace (CPU run)")
+        lines.append(f"{'':<8} {'= step, wall':<28} {'':>6} {p['wall_ms_per_step']:>8.2f}   {tail}")
+    return lines
+
+
 def format_bench(r: dict) -> str:
-    lines = [f"device {r['device']}, {r['precision']}{' + compile' if r['compile'] else ''}, batch {r['batch_size']}, "
+    label = compile_label(r['compile'], r.get('compile_mode'))
+    lines = [f"device {r['device']}, {r['precision']}{label}, batch {r['batch_size']}, "
              f"split {r['split']}{'  [TINY CPU SETTINGS: not comparable to GPU figures]' if r['tiny'] else ''}",
              f"compute limit (ResNet-18 train steps on resident random batches): "
              f"{r['compute_limit_img_s']:,.0f} image passes/s", ""]
@@ -222,7 +308,7 @@ def format_bench(r: dict) -> str:
                  f"+ features {p['feature_seconds']:.1f} s (reference: ~{REFERENCE['probe_seconds_one_full_shot']:.0f} s "
                  f"for one full-shot probe)")
     lines.append(f"reference figures: {REFERENCE['device']}")
-    return "\n".join(lines)
+    return "\n".join(lines + format_profile(r))
 
 
 def write_json(r: dict, path: Path) -> None:

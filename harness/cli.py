@@ -36,6 +36,9 @@ RegistryOpt = Annotated[Optional[str], typer.Option(
 DataRootOpt = Annotated[Path, typer.Option("--root", help="Folder that holds (or will hold) cifar-100-python/.")]
 SplitsRootOpt = Annotated[Optional[Path], typer.Option(
     "--splits-root", help=f"Folder of the paper's split files (default: ${splits_mod.ENV_VAR} or splits/paper).")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the network (forward and backward).")]
+CompileModeOpt = Annotated[str, typer.Option(help="torch.compile mode with --compile: default, reduce-overhead "
+                                             "(CUDA graphs), max-autotune, max-autotune-no-cudagraphs.")]
 
 
 def fail(message: str) -> None:
@@ -318,7 +321,8 @@ def train_command(
     = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
+    compile: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N epochs (and at the end).")] = 50,
     monitor_every: Annotated[int, typer.Option(help="kNN accuracy monitor every N epochs (0: off).")] = 0,
     resume: Annotated[Optional[int], typer.Option(help="Continue run ID exactly where its checkpoint stopped.")]
@@ -341,7 +345,8 @@ def train_command(
     try:
         cfg = make_config(method, split, epochs=epochs, batch_size=batch_size, lr=lr,
                           weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, device=device,
-                          precision=precision, compile=compile, checkpoint_every=checkpoint_every,
+                          precision=precision, compile=compile, compile_mode=compile_mode,
+                          checkpoint_every=checkpoint_every,
                           monitor_every=monitor_every, tags=tag or [], data_root=str(data_root),
                           splits_root=str(splits_root) if splits_root else None,
                           checkpoint_dir=str(checkpoint_dir))
@@ -382,7 +387,8 @@ def run_command(
     devices: Annotated[Optional[str], typer.Option(help="Comma-separated devices, one cell each at a time "
                                                    "(default: every visible GPU, else cpu).")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32.")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
+    compile: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N epochs.")] = 50,
     tag: Annotated[Optional[list[str]], typer.Option(help="Tag every run (repeatable).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would run, and do nothing.")] = False,
@@ -404,7 +410,7 @@ def run_command(
         shots=parse_shots(shots), probe_epochs=probe_epochs, probe_family=probe_family,
         data_root=str(data_root), splits_root=str(splits_root) if splits_root else None,
         checkpoint_dir=str(checkpoint_dir), checkpoint_every=checkpoint_every, precision=precision,
-        compile=compile, registry=registry, tags=tag or [],
+        compile=compile, compile_mode=compile_mode, registry=registry, tags=tag or [],
         devices=tuple(d.strip() for d in devices.split(",")) if devices else ())
     from methods.base import METHODS
     unknown = [m for m in s.methods if m not in METHODS]
@@ -437,10 +443,14 @@ def bench_command(
     splits_root: SplitsRootOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32.")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (and the limit).")] = False,
+    compile: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
     batch_size: Annotated[int, typer.Option(help="Pretraining batch size (paper: 512).")] = 512,
     timed_epochs: Annotated[int, typer.Option(help="Epochs timed per method after 2 warm-up epochs.")] = 3,
     probe_epochs: Annotated[int, typer.Option(help="Probe epochs to time (paper: 500).")] = 500,
+    profile: Annotated[bool, typer.Option("--profile", help="Also profile one more epoch per method: host and "
+                                          "device ms per step for each phase (augment, forward+loss, "
+                                          "backward, optimizer, prune, ...).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON here "
                                                      "(device, versions, date and command included).")] = None,
 ) -> None:
@@ -454,7 +464,8 @@ def bench_command(
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     s = BenchSettings(methods=names, split=split, data_root=str(data_root),
                       splits_root=str(splits_root) if splits_root else None, device=device,
-                      precision=precision, compile=compile, batch_size=batch_size, timed_epochs=timed_epochs,
+                      precision=precision, compile=compile, compile_mode=compile_mode, batch_size=batch_size,
+                      timed_epochs=timed_epochs, profile=profile,
                       probe_epochs=probe_epochs)
     result = run_bench(s, log=lambda m: typer.echo(m, err=True))
     typer.echo(format_bench(result))

@@ -47,6 +47,7 @@ class MatrixSettings:
     checkpoint_every: int = 50
     precision: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"
     registry: str | None = None
     tags: list[str] = field(default_factory=list)
     devices: tuple[str, ...] = ()       # empty: every visible GPU, else the CPU
@@ -121,7 +122,7 @@ def run_cell(cell: Cell, s: MatrixSettings, device: str) -> None:
     try:
         if action in ("train", "resume"):
             cfg = make_config(cell.method, cell.split, epochs=s.epochs, batch_size=s.batch_size, seed=cell.seed,
-                              device=device, precision=s.precision, compile=s.compile,
+                              device=device, precision=s.precision, compile=s.compile, compile_mode=s.compile_mode,
                               checkpoint_every=s.checkpoint_every, tags=list(s.tags) + ["matrix"],
                               data_root=s.data_root, splits_root=s.splits_root, checkpoint_dir=s.checkpoint_dir)
             out = train(cfg, reg, resume=run_id if action == "resume" else None, progress=False)

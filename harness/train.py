@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from harness.data import load_cifar100, sha256_file
 from harness.registry import Registry, utcnow
@@ -32,6 +33,7 @@ from methods.base import MethodConfig, build_method, default_config
 from methods.schedule import lr_at
 
 CHECKPOINT_FORMAT = 1
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class TrainError(RuntimeError):
@@ -48,6 +50,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"           # bf16 on CUDA, fp32 on CPU
     compile: bool = False
+    compile_mode: str = "default"     # torch.compile mode (COMPILE_MODES) when compile is on
     checkpoint_dir: str = "checkpoints"
     checkpoint_every: int = 50        # epochs; the last epoch is always saved
     monitor_every: int = 0            # kNN monitor every N epochs (0: off)
@@ -240,7 +243,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.method.net.parameters(), lr=mc.lr, momentum=mc.momentum,
                                          weight_decay=mc.weight_decay)
         if cfg.compile:
-            self.method.compile()
+            self.method.compile(mode=cfg.compile_mode)
         self.order_gen = torch.Generator().manual_seed(mc.seed)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(mc.seed + 1)
         self.epoch, self.step_in_epoch, self.perm = 1, 0, None  # position of the next step
@@ -265,6 +268,7 @@ class Trainer:
     def _merge_resume(saved: TrainConfig, asked: TrainConfig) -> TrainConfig:
         """A resumed run keeps its recipe; only where/how it runs may change."""
         return dataclasses.replace(saved, device=asked.device, compile=asked.compile,
+                                   compile_mode=asked.compile_mode,
                                    data_root=asked.data_root, splits_root=asked.splits_root,
                                    checkpoint_dir=asked.checkpoint_dir, max_steps=asked.max_steps)
 
@@ -369,11 +373,15 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         batch = perm[self.step_in_epoch * mc.batch_size:(self.step_in_epoch + 1) * mc.batch_size]
+        if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs may be overwritten now
         with autocast(self.device, self.precision):
             loss, _ = self.method.training_step(self.images[batch], batch, self.epoch, self.aug_gen)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        with record_function("harness/backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with record_function("harness/optimizer"):
+            self.optimizer.step()
         self.last_lr = lr
         return loss
 
@@ -422,4 +430,7 @@ def make_config(method: str, split: str = "1", **overrides: Any) -> TrainConfig:
     mc = dataclasses.replace(mc, **m_over)
     if mc.epochs < 1 or mc.batch_size < 1:
         raise TrainError("--epochs and --batch-size must be at least 1")
+    mode = t_over.get("compile_mode", "default")
+    if mode not in COMPILE_MODES:
+        raise TrainError(f"--compile-mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     return TrainConfig(method=mc, split=normalise_split_name(split), **t_over)

@@ -10,6 +10,10 @@ schedule, data order and autocast, and calls, per epoch::
         loss.backward(); ...
     stats = method.on_epoch_end(epoch)
 
+Each phase runs inside a ``record_function("harness/<phase>")`` range, so a
+``torch.profiler`` trace (``harness bench --profile``) attributes host and device time
+to augment / boosted-augment / forward+loss / backward / optimizer / prune / bcl-*.
+
 A base method splits its step into ``make_views`` (augmentation, two views stacked
 into one 2B batch: view 1 = first half) and ``loss_from_views`` (forward + loss),
 so BCL can wrap it and swap in boosted augmentation without touching the forward.
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from methods import augment
 from methods.models import ContrastiveNet, build_network
@@ -85,7 +90,9 @@ class Method:
 
     def training_step(self, images: Tensor, indices: Tensor, epoch: int,
                       generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        return self.loss_from_views(self.make_views(images, generator))
+        views = self.make_views(images, generator)
+        with record_function("harness/forward+loss"):
+            return self.loss_from_views(views)
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         return {}
@@ -106,9 +113,11 @@ class Method:
         the boosted RandAugment step follows (per-sample weight and magnitude, the
         same for both views of a sample).
         """
-        x = augment.simclr_augment(torch.cat([images, images]), generator)
+        with record_function("harness/augment"):
+            x = augment.simclr_augment(torch.cat([images, images]), generator)
         if weight is not None:
-            x = augment.boosted_randaugment(x, weight.repeat(2), magnitude.repeat(2), k, generator)
+            with record_function("harness/boosted-augment"):
+                x = augment.boosted_randaugment(x, weight.repeat(2), magnitude.repeat(2), k, generator)
         return augment.to_unit_float(x)
 
     def loss_from_views(self, views: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,8 +128,10 @@ class Method:
         return self._forward(x, branch)
 
     def compile(self, **kwargs) -> "Method":
-        """Compile the network forward (the loss stays eager, in fp32); ``net`` itself is untouched."""
-        self._forward = torch.compile(self.net, **kwargs)
+        """Compile the network's forward and backward (the loss stays eager, in fp32); ``net`` itself
+        is untouched. Shapes are static: one graph per (branch, batch size), so the last, smaller
+        batch of an epoch gets its own graph instead of a slower dynamic-shape one."""
+        self._forward = torch.compile(self.net, **{"dynamic": False, **kwargs})
         return self
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from methods.base import Method, MethodConfig
 from methods.sdclr import SDCLR
@@ -57,15 +58,19 @@ class BCL(Method):
     def training_step(self, images: Tensor, indices: Tensor, epoch: int,
                       generator: torch.Generator) -> tuple[Tensor, Tensor]:
         if epoch > 1:
-            w = self.w[indices]
-            views = self.make_views(images, generator, w, self.magnitude(w, generator), self.cfg.bcl_k)
+            with record_function("harness/boosted-params"):
+                w = self.w[indices]
+                m = self.magnitude(w, generator)
+            views = self.make_views(images, generator, w, m, self.cfg.bcl_k)
         else:  # w = 0: every boosted op has probability 0
             views = self.make_views(images, generator)
-        loss, per_sample = self.base.loss_from_views(views)
+        with record_function("harness/forward+loss"):
+            loss, per_sample = self.base.loss_from_views(views)
         self.update_memory(indices, per_sample)
         return loss, per_sample
 
     @torch.no_grad()
+    @record_function("harness/bcl-memory")
     def update_memory(self, indices: Tensor, per_sample: Tensor) -> None:
         # one gather + one scatter: no per-sample Python loop (indices are unique within an epoch)
         beta = self.cfg.bcl_beta
@@ -73,6 +78,7 @@ class BCL(Method):
         self.s[indices] = torch.where(self.seen[indices], (1 - beta) * l + beta * self.s[indices], l)
         self.seen[indices] = True
 
+    @record_function("harness/bcl-weights")
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         self.w = memory_weights(self.s)
         q = torch.quantile(self.w, torch.tensor(QUANTILES, device=self.w.device))

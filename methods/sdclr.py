@@ -7,6 +7,7 @@ gradients: the first term only reaches the dense branch, the second only the pru
 from __future__ import annotations
 
 from torch import Tensor
+from torch.profiler import record_function
 
 from methods.base import Method
 from methods.losses import nt_xent_per_sample
@@ -16,6 +17,7 @@ from methods.pruning import global_magnitude_prune
 class SDCLR(Method):
     name = "sdclr"
 
+    @record_function("harness/prune")
     def on_epoch_start(self, epoch: int) -> None:
         global_magnitude_prune(self.net, self.cfg.prune_ratio)
 

@@ -32,7 +32,10 @@ def test_bench_command_writes_json(tmp_path, monkeypatch):
             "methods": [{"method": "simclr", "images": 256, "steps_per_epoch": 4, "seconds_per_epoch": 10.0,
                          "images_per_s": 25.6, "image_passes_per_s": 51.2, "projected_2000_epochs_min": 333.3,
                          "peak_memory_gb": None, "ratio_to_limit": 0.512, "reference_seconds_per_epoch": 3.3,
-                         "speedup_vs_reference": 0.33, "losses": [6.0, 5.9]}],
+                         "speedup_vs_reference": 0.33, "losses": [6.0, 5.9],
+                         "profile": {"steps": 4, "wall_ms_per_step": 20.0, "device_ms_per_step": 15.0,
+                                     "phases": {"augment": {"calls_per_step": 1.0, "host_ms": 0.5,
+                                                            "device_ms": 3.9}}}}],
             "probes": {"feature_seconds": 1.0, "probe_seconds": 2.0, "probes": 11, "probe_epochs": 10}}
     monkeypatch.setattr(bench, "run_bench", lambda s, log: fake)
     out = tmp_path / "b.json"
@@ -40,3 +43,4 @@ def test_bench_command_writes_json(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["methods"][0]["seconds_per_epoch"] == 10.0
     assert "51%" in res.output and "0.3x" in res.output
+    assert "augment" in res.output and "3.90" in res.output and "device busy 15.00 ms (75% of wall)" in res.output

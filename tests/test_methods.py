@@ -369,3 +369,22 @@ def test_real_augmentation_smoke(name, images32):
     loss, per = m.training_step(images32, torch.arange(4), 2, gen(7))
     assert torch.isfinite(loss) and per.shape == (4,)
     loss.backward()
+
+
+def test_compiled_two_branch_step_equals_eager(fake_aug, images):
+    """Method.compile keeps the branch argument and the masks: one SDCLR step (dense + pruned
+    graphs) gives the eager loss and gradients bit for bit (aot_eager: the graph capture without
+    inductor's code generation, which CPU CI cannot afford)."""
+    def step(compiled: bool):
+        torch.manual_seed(0)
+        m = build_method("sdclr", MethodConfig(name="sdclr", batch_size=8), num_samples=8)
+        m.on_epoch_start(1)
+        if compiled:
+            m.compile(backend="aot_eager")
+        loss, per_sample = m.training_step(images, torch.arange(8), 1, gen())
+        loss.backward()
+        return loss, per_sample, [p.grad for p in m.net.parameters()]
+
+    eager, compiled = step(False), step(True)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+    assert all(torch.equal(a, b) for a, b in zip(eager[2], compiled[2]))

@@ -136,3 +136,27 @@ def test_config_overrides_and_errors():
         make_config("byol")
     with pytest.raises(TrainError, match="at least 1"):
         make_config("simclr", epochs=0)
+    assert make_config("simclr", compile=True, compile_mode="reduce-overhead").compile_mode == "reduce-overhead"
+    with pytest.raises(TrainError, match="compile-mode 'fast'"):
+        make_config("simclr", compile_mode="fast")
+
+
+def test_profile_attributes_every_phase(tiny, tmp_path):
+    """`harness bench --profile` sees each phase of a BCL-D step in its record_function range."""
+    from harness.bench import profile_epoch
+
+    tr = Trainer(config(tiny, "bcl-d", tmp_path, epochs=3), Registry(f"sqlite:///{tmp_path}/r.db"), progress=False)
+    tr.run_epoch()  # epoch 1 has no boosted ops; profile epoch 2
+    p = profile_epoch(tr)
+    assert p["steps"] == tr.steps_per_epoch == 3 and p["device_ms_per_step"] is None  # CPU: no device trace
+    phases = p["phases"]
+    per_step = ("boosted-params", "augment", "boosted-augment", "forward+loss", "bcl-memory", "backward",
+                "optimizer")
+    assert set(phases) == set(per_step) | {"prune", "bcl-weights"}
+    for name in per_step:
+        assert phases[name]["calls_per_step"] == 1, name
+    for name in ("prune", "bcl-weights"):  # once per epoch
+        assert phases[name]["calls_per_step"] == pytest.approx(1 / 3), name
+    assert all(v["host_ms"] > 0 for v in phases.values())
+    assert sum(v["host_ms"] for v in phases.values()) <= p["wall_ms_per_step"]  # disjoint ranges within the epoch
+    assert tr.epoch == 3  # the profiled epoch is a real epoch of the run
