@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks that fit one device call (an H100/H200, about 8 minutes), most urgent first:
+#   1. `harness bench --profile` (eager): speed per method, compute limits, time per phase;
+#   2. `harness run` of SimCLR and BCL-D on split 1 for 50 epochs, evaluated, then the report:
+#      the whole pipeline on CUDA with real data (not a paper-length run);
+#   3. `harness bench --compile` for SimCLR and BCL-D (compilation counts in the warm-up epochs).
+#
+# Usage, from the repository root on the GPU machine:
+#   tools/gpu_check.sh DATA_ROOT SPLITS_ROOT OUT
+# DATA_ROOT holds cifar-100-python/ (the real pickles), SPLITS_ROOT the paper's 17 .npy files,
+# OUT receives device.txt, bench_eager.{json,log}, run.log, registry.db, report.md,
+# bench_compile.{json,log}. A step that fails or runs out of time does not stop the next one.
+#
+# The GPU image may lack SQLAlchemy and cannot reach PyPI: carry a wheel for its Python in
+# .whl/ (here: `pip download sqlalchemy --only-binary :all: --no-deps --python-version 3.12 -d .whl`).
+set -uo pipefail
+if [ $# -ne 3 ]; then
+  echo "usage: tools/gpu_check.sh DATA_ROOT SPLITS_ROOT OUT" >&2
+  exit 2
+fi
+data=$1 splits=$2 out=$3
+mkdir -p "$out"
+if ! python3 -c "import sqlalchemy" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+harness() { python3 -m harness.cli "$@"; }
+common=(--data-root "$data" --splits-root "$splits")
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, platform; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+              'python', platform.python_version())"
+  date -u +%FT%TZ; git rev-parse HEAD 2>/dev/null
+  harness data info --root "$data"; } 2>&1 | tee "$out/device.txt"
+
+timeout 150 python3 -m harness.cli bench "${common[@]}" --profile --json "$out/bench_eager.json" 2>&1 \
+  | tee "$out/bench_eager.log"
+
+reg="sqlite:///$out/registry.db"
+timeout 170 python3 -m harness.cli run --methods simclr,bcl-d --splits 1 --epochs 50 "${common[@]}" \
+  --checkpoint-dir /tmp/gpu_check_ck --registry "$reg" --no-progress 2>&1 | tee "$out/run.log"
+harness report --registry "$reg" --format markdown --out "$out/report.md" 2>&1 | tail -3
+
+timeout 300 python3 -m harness.cli bench "${common[@]}" --methods simclr,bcl-d --compile \
+  --json "$out/bench_compile.json" 2>&1 | tee "$out/bench_compile.log"
