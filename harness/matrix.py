@@ -158,7 +158,19 @@ class CellResult:
     seconds: float = 0.0
 
 
-def run_matrix(s: MatrixSettings, log=print, progress: bool = True, poll_s: float = 0.5) -> list[CellResult]:
+def epochs_trained(reg: Registry, cells: list[Cell], s: MatrixSettings) -> int:
+    """Epochs done so far by the latest run of each cell (the registry is what the workers update)."""
+    total = 0
+    for c in cells:
+        runs = reg.list_runs(method=c.method, split=c.split, seed=c.seed, epochs=s.target_epochs(c.method))
+        total += (runs[-1]["epochs_done"] or 0) if runs else 0
+    return total
+
+
+def run_matrix(s: MatrixSettings, log=print, progress: bool = True, poll_s: float = 0.5,
+               registry_poll_s: float = 5.0) -> list[CellResult]:
+    """Run every cell that is not done; the overview bar counts epochs over all cells (so its
+    ETA moves within a cell) and shows cells done / running / left / failed."""
     reg = Registry(s.registry)  # creates or migrates the schema once, before the workers start
     devices = list(s.devices or visible_devices())
     todo = [CellResult(c, plan_cell(reg, c, s)[0]) for c in cells_of(s)]
@@ -167,10 +179,13 @@ def run_matrix(s: MatrixSettings, log=print, progress: bool = True, poll_s: floa
         f"{len(devices)} device(s) ({', '.join(devices)})")
     ctx = mp.get_context("spawn")
     free, running, queue = list(devices), {}, list(work)
-    bar = None
+    training = [r.cell for r in work if r.action in ("train", "resume")]
+    epochs_at_start = epochs_trained(reg, training, s)
+    bar, polled = None, 0.0
     if progress and work:
         from tqdm import tqdm
-        bar = tqdm(total=len(work), unit="cell", dynamic_ncols=True, desc="matrix")
+        total = sum(s.target_epochs(c.method) for c in training) - epochs_at_start
+        bar = tqdm(total=total, unit="epoch", dynamic_ncols=True, desc="matrix")
     try:
         while queue or running:
             while queue and free:
@@ -179,18 +194,20 @@ def run_matrix(s: MatrixSettings, log=print, progress: bool = True, poll_s: floa
                 p = ctx.Process(target=_cell_process, args=(r.cell, s, r.device), name=r.cell.label())
                 p.start()
                 running[p] = (r, time.perf_counter())
-            for p in [p for p in running if not p.is_alive()]:
+            finished = [p for p in running if not p.is_alive()]
+            for p in finished:
                 r, t0 = running.pop(p)
                 p.join()
                 r.exit_code, r.seconds = p.exitcode, time.perf_counter() - t0
                 free.append(r.device)
-                if bar is not None:
-                    bar.update(1)
                 if r.exit_code != 0:
                     log(f"cell {r.cell.label()} failed (exit {r.exit_code}); the others go on")
-            if bar is not None:
-                failed = sum(1 for x in work if x.exit_code not in (None, 0))
-                bar.set_postfix(running=len(running), left=len(queue), failed=failed)
+            if bar is not None and (finished or time.perf_counter() - polled >= registry_poll_s):
+                polled = time.perf_counter()
+                bar.n = min(bar.total, epochs_trained(reg, training, s) - epochs_at_start)
+                ended = [x for x in work if x.exit_code is not None]
+                bar.set_postfix(cells=f"{len(ended)}/{len(work)}", running=len(running), left=len(queue),
+                                failed=sum(1 for x in ended if x.exit_code != 0))
             time.sleep(poll_s)
     except KeyboardInterrupt:  # children got the same Ctrl-C: they checkpoint and stop
         for p in running:

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from harness import data, splits
 from harness.cli import app
-from harness.matrix import Cell, MatrixSettings, parse_splits, plan_cell, run_matrix, summary_rows
+from harness.matrix import Cell, MatrixSettings, epochs_trained, parse_splits, plan_cell, run_matrix, summary_rows
 from harness.registry import Registry
 from harness.train import make_config, train
 
@@ -42,7 +42,10 @@ def test_matrix_resumes_skips_and_isolates_failures(world):
     assert plan_cell(reg, Cell("simclr", "tiny", 10), s) == ("resume", part["run_id"])
     assert plan_cell(reg, Cell("bcl-d", "tiny", 10), s) == ("train", None)
 
-    results = run_matrix(s, log=lambda m: None, progress=False, poll_s=0.1)
+    cells = [Cell(m, sp, 10) for m in ("simclr", "bcl-d") for sp in ("tiny", "missing")]
+    assert epochs_trained(reg, cells, s) == 0  # the interrupted run stopped inside its only epoch
+    results = run_matrix(s, log=lambda m: None, progress=True, poll_s=0.1, registry_poll_s=0.2)
+    assert epochs_trained(reg, cells, s) == 2  # one epoch in each tiny cell; the missing split has no run
     by = {r.cell.label(): r for r in results}
     assert by["simclr/tiny/seed10"].exit_code == 0 and by["bcl-d/tiny/seed10"].exit_code == 0
     assert by["simclr/missing/seed10"].exit_code != 0 and by["bcl-d/missing/seed10"].exit_code != 0
