@@ -270,9 +270,9 @@ def _brightness_degenerate(images: torch.Tensor) -> torch.Tensor:
     return torch.zeros(images.shape[0], 1, 1, 1, dtype=torch.int32, device=images.device)
 
 
-def _contrast_degenerate(images: torch.Tensor) -> torch.Tensor:
-    """Flat grey int(mean('L') + 0.5), (N, 1, 1, 1)."""
-    luma = _luma(images)
+def _contrast_degenerate(images: torch.Tensor, luma: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat grey int(mean('L') + 0.5), (N, 1, 1, 1); ``luma`` if the caller has it already."""
+    luma = _luma(images) if luma is None else luma
     mean = _div(luma.sum(dim=(1, 2, 3)).to(F64), float(luma[0].numel()))
     return _col(torch.floor(mean + 0.5).to(torch.int32))
 
@@ -384,19 +384,31 @@ def color_jitter(
 ) -> torch.Tensor:
     """ColorJitter with per-sample factors and order: ``order[:, t]`` is the function
     applied t-th (0 brightness, 1 contrast, 2 saturation, 3 hue, torchvision's ids).
-    At each of the 4 positions, brightness/contrast/saturation are one blend with a
-    per-sample degenerate image, hue is evaluated for the whole batch, and each sample
-    keeps the one it scheduled there (no per-sample loop, no host sync)."""
+
+    Hue (an HSV round trip, the costly op) sits at one position p per sample, so it runs
+    once for the whole batch: the blends scheduled before it run first, in three masked
+    passes (position t for the samples with t < p), then hue, then the blends after it
+    (t > p). Each blend pass is brightness, contrast or saturation per sample: one blend
+    with a per-sample degenerate image. No per-sample loop, no host sync."""
+    hue_at = (order == 3).to(torch.int8).argmax(dim=1)
+    factors = torch.stack([brightness, contrast, saturation], dim=1)
     out = images
-    for t in range(4):
-        fn = order[:, t]
-        f = _col(fn)
-        degenerate = torch.where(
-            f == 1, _contrast_degenerate(out), torch.where(f == 2, _color_degenerate(out), 0)
-        )
-        factor = torch.where(fn == 0, brightness, torch.where(fn == 1, contrast, saturation))
-        out = torch.where(f == 3, adjust_hue(out, hue), _blend(degenerate, out, factor))
+    for t in range(3):
+        out = _blend_pass(out, order[:, t], factors, t < hue_at)
+    out = adjust_hue(out, hue)
+    for t in range(1, 4):
+        out = _blend_pass(out, order[:, t], factors, t > hue_at)
     return out
+
+
+def _blend_pass(images: torch.Tensor, fn: torch.Tensor, factors: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Brightness (fn 0), contrast (1) or saturation (2) per sample where ``active``; the
+    others (hue's slot included) pass through unchanged."""
+    f = _col(fn)
+    luma = _luma(images)  # the 'L' image serves both the contrast and the saturation degenerate
+    degenerate = torch.where(f == 1, _contrast_degenerate(images, luma), torch.where(f == 2, luma, 0))
+    factor = factors.gather(1, fn.clamp(max=2).view(-1, 1)).squeeze(1)
+    return torch.where(_col(active), _blend(degenerate, images, factor), images)
 
 
 # --------------------------------------------------------------------------------------
