@@ -127,7 +127,7 @@ def splits_import(src: Annotated[Path, typer.Argument(help="Folder holding the p
 @splits_app.command("fetch")
 @friendly_errors
 def splits_fetch(root: SplitsRootOpt = None) -> None:
-    """Download the paper's split files from their public URLs (see splits/manifest.json) and verify them."""
+    """Download the paper's split files (URLs in splits/manifest.json) and verify them."""
     splits_mod.fetch(root)
     typer.echo(f"all {len(splits_mod.paper_entries())} split files verified in {splits_mod.resolve_root(root)}")
 
@@ -189,9 +189,12 @@ def splits_make(
         help=f"Folder for the generated files and their manifest (default: ${splits_mod.GENERATED_ENV_VAR} "
              "or splits/generated).")] = None,
 ) -> None:
-    """Generate a long-tailed pretraining split (exponential profile) and its probe family:
-    a full-shot list and `subsets` k-shot lists per k drawn from it, as the paper's are.
-    Evaluate with `harness eval RUN --probe-family NAME`."""
+    """Generate a long-tailed pretraining split and its probe family.
+
+    The split follows an exponential profile. Its probe family, drawn from it as
+    the paper's are, is a full-shot list and --subsets k-shot lists per k.
+    Evaluate with `harness eval RUN --probe-family NAME`.
+    """
     d = data_mod.load_cifar100(data_root)
     out = out or splits_mod.generated_dir()
     labels = d.train_labels
@@ -335,10 +338,11 @@ def train_command(
     registry: RegistryOpt = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Pretrain one method on one split with the paper's recipe (every knob overridable).
+    """Pretrain one method on one split with the paper's recipe.
 
-    The run, its per-epoch metrics and checkpoints go to the registry. Ctrl-C saves a
-    checkpoint and marks the run interrupted; --resume ID continues it exactly.
+    Every knob of the recipe can be overridden. The run, its per-epoch metrics
+    and checkpoints go to the registry. Ctrl-C saves a checkpoint and marks the
+    run interrupted; --resume ID continues it exactly.
     """
     from harness.train import TrainError, make_config, train
 
@@ -362,7 +366,9 @@ def train_command(
 
 # -- eval and report ----------------------------------------------------------------------------
 
-from harness.evaluate import eval_command  # noqa: E402  (command functions live beside their logic)
+# The command functions live beside their logic; both modules defer torch and pandas to the
+# functions that need them, so importing them here keeps `harness --help` fast.
+from harness.evaluate import eval_command  # noqa: E402
 from harness.report import report_command  # noqa: E402
 
 app.command("eval")(eval_command)
@@ -398,9 +404,12 @@ def run_command(
     registry: RegistryOpt = None,
     progress: Annotated[bool, typer.Option(help="Show the overview bar.")] = True,
 ) -> None:
-    """Train and evaluate every (method, split, seed) cell, skipping cells already done in the
-    registry and resuming interrupted ones; one cell per GPU at a time; a failed cell is
-    recorded and the others go on. Ends with a summary table."""
+    """Train and evaluate every (method, split, seed) cell of a run matrix.
+
+    Cells already done in the registry are skipped and interrupted ones resumed;
+    one cell runs per GPU at a time; a failed cell is recorded and the others go
+    on. Ends with a summary table.
+    """
     from harness import matrix
     from harness.evaluate import parse_shots
 
@@ -454,10 +463,12 @@ def bench_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON here "
                                                      "(device, versions, date and command included).")] = None,
 ) -> None:
-    """Training images/s, s/epoch, projected 2,000-epoch time and peak memory per method; the
-    probe set's time; the backbone's compute limit in the same process, and the authors' figures.
+    """Benchmark training and probe throughput and memory per method.
 
-    Without a CUDA device it runs tiny settings and says so.
+    Reports training images/s, s/epoch, the projected 2,000-epoch time and peak
+    memory per method; the probe set's time; the backbone's compute limit,
+    measured in the same process; and the authors' figures. Without a CUDA
+    device it runs tiny settings and says so.
     """
     from harness.bench import BenchSettings, format_bench, run_bench, write_json
 

@@ -4,25 +4,28 @@
 FILE` probes a bare file (ours, or the authors' with --format reference --method M) and
 records it as an "external" run. Features are extracted once for every image any probe
 needs; all probes (1 full-shot + 5 x 100-shot + 5 x 50-shot) then train as one batch.
+
+torch, the probe code and the networks are imported inside the functions that use them, so
+that `harness.cli` (which registers `eval_command` from here) starts without loading torch.
 """
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional, Sequence
+from typing import TYPE_CHECKING, Annotated, Optional, Sequence
 
 import numpy as np
-import torch
 import typer
-from tqdm import tqdm
 
 from harness import data as data_mod
 from harness import splits as splits_mod
-from harness.probe import ProbeConfig, ProbeSpec, extract_features, run_probes
-from harness.reference import ReferenceFormatError, reference_network
 from harness.registry import Registry, RegistryError
-from methods.models import build_network
+
+if TYPE_CHECKING:  # annotations only; the real imports are deferred (see the module docstring)
+    import torch
+
+    from harness.probe import ProbeConfig
 
 SHOT_KINDS = ("full", "100", "50")
 FEW_SHOT_SUBSETS = (1, 2, 3, 4, 5)
@@ -65,6 +68,8 @@ def probe_seed(kind: str, subset: int, base: int = 0) -> int:
 
 
 def pick_device(device: str | None) -> torch.device:
+    import torch
+
     if not device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -89,6 +94,8 @@ def summarize(results: list[dict]) -> dict[str, float]:
 # -- loading -----------------------------------------------------------------------------------
 
 def _torch_load(path: Path) -> object:
+    import torch
+
     if not path.is_file():
         raise EvalError(f"checkpoint {path} not found")
     try:
@@ -100,6 +107,11 @@ def _torch_load(path: Path) -> object:
 
 def load_model(path: Path, fmt: str = "ours", method: str | None = None) -> tuple[torch.nn.Module, dict]:
     """The network and what the file says about itself (method, split, epoch, config)."""
+    import torch
+
+    from harness.reference import ReferenceFormatError, reference_network
+    from methods.models import build_network
+
     path = Path(path)
     if fmt not in FORMATS:
         raise EvalError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
@@ -147,6 +159,11 @@ def evaluate_network(net: torch.nn.Module, data: data_mod.CifarData, shots: Sequ
                      cfg: ProbeConfig, seed: int = 0, bf16: bool = False, progress: bool = True,
                      probe_family: str | None = None) -> list[dict]:
     """Extract features (once per needed image) and train/score every probe as one batch."""
+    import torch
+    from tqdm import tqdm
+
+    from harness.probe import ProbeSpec, extract_features, run_probes
+
     lists = probe_lists(shots, probe_family)
     n_train = len(data.train_labels)
     indices = [splits_mod.load_split(name, splits_root, num_images=n_train) for _, _, name in lists]
@@ -179,6 +196,8 @@ def _evaluate(registry: Registry, run_id: int, net: torch.nn.Module, split: str 
               sha256: str, fmt: str, data_root: Path, splits_root: Path | None, shots: Sequence[str],
               epochs: int, device: str | None, seed: int, bf16: bool, progress: bool, ck_epoch,
               probe_family: str | None = None) -> dict:
+    from harness.probe import ProbeConfig
+
     shots = parse_shots(shots)
     dev = pick_device(device)
     data = data_mod.load_cifar100(data_root)
@@ -301,9 +320,16 @@ def eval_command(
         "--probe-family", help="Probe lists of a generated family (`harness splits make NAME --probe-family`) "
                                "instead of the paper's; for other datasets and smoke runs.")] = None,
 ) -> None:
-    """Linear-probe a model (SPEC 7): frozen features, 1 full-shot + 5 x 100-shot + 5 x 50-shot probes
-    trained together, scores (top-1/5, per class, Many/Medium/Few) logged to the registry."""
+    """Linear-probe a model and log its scores to the registry.
+
+    The protocol (SPEC 7): frozen features; 1 full-shot, 5 x 100-shot and
+    5 x 50-shot probes trained together; scores are top-1/5, per class and
+    Many/Medium/Few. RUN_ID probes a registry run's latest checkpoint;
+    --checkpoint FILE probes a bare file and records it as a run tagged
+    'external'.
+    """
     from harness.cli import fail  # the CLI's one-line error; imported here, cli imports this module
+    from harness.reference import ReferenceFormatError
 
     if (run_id is None) == (checkpoint is None):
         fail("give either RUN_ID or --checkpoint FILE (not both)")

@@ -11,9 +11,8 @@ import os
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import pandas as pd
 from sqlalchemy import (
     JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, inspect,
     select, text,
@@ -21,6 +20,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+if TYPE_CHECKING:  # the *_frame methods import pandas when called: the CLI starts faster without it
+    import pandas as pd
 
 SCHEMA_VERSION = 2
 DEFAULT_URL = "sqlite:///results/registry.db"
@@ -312,6 +314,8 @@ class Registry:
         return cks[-1] if cks else None
 
     def runs_frame(self, **filters: Any) -> pd.DataFrame:
+        import pandas as pd
+
         cols = ["id", "method", "split", "seed", "epochs", "epochs_done", "status", "tags",
                 "device", "wall_time_s", "created_at", "finished_at"]
         runs = self.list_runs(**filters)
@@ -319,6 +323,8 @@ class Registry:
 
     def probe_frame(self, **filters: Any) -> pd.DataFrame:
         """One row per probe score, joined with its run's method/split/seed/epochs/status/tags."""
+        import pandas as pd
+
         runs = {r["id"]: r for r in self.list_runs(**filters)}
         cols = ["run_id", "method", "split", "seed", "epochs", "status", "tags", "kind", "subset",
                 "top1", "top5", "many", "medium", "few", "std", "per_class"]
@@ -338,6 +344,8 @@ class Registry:
         return pd.DataFrame(out, columns=cols)
 
     def epoch_frame(self, run_ids: list[int]) -> pd.DataFrame:
+        import pandas as pd
+
         with self.session() as s:
             rows = s.scalars(select(EpochMetric).where(EpochMetric.run_id.in_(run_ids))
                              .order_by(EpochMetric.run_id, EpochMetric.epoch)).all()

@@ -4,6 +4,9 @@ Table 1: linear-probe top-1 per method for full-shot / 100-shot / 50-shot, mean 
 runs, beside the published numbers (SPEC 8). Table 2: Many / Medium / Few / Std / All for
 one shot. Everything below `report_command` is a pure function of DataFrames, so the
 tables are testable without a database. Only runs with status "done" are averaged in.
+
+pandas is imported inside the functions that build frames, so that `harness.cli` (which
+registers `report_command` from here) starts without loading it.
 """
 from __future__ import annotations
 
@@ -11,11 +14,13 @@ import html
 import io
 import sys
 from pathlib import Path
-from typing import Annotated, Optional, Sequence
+from typing import TYPE_CHECKING, Annotated, Optional, Sequence
 
 import numpy as np
-import pandas as pd
 import typer
+
+if TYPE_CHECKING:  # annotations only; the real import is deferred (see the module docstring)
+    import pandas as pd
 
 METHOD_ORDER = ("simclr", "sdclr", "bcl-i", "bcl-d")
 METHOD_LABEL = {"simclr": "SimCLR", "sdclr": "SDCLR", "bcl-i": "BCL-I", "bcl-d": "BCL-D"}
@@ -50,6 +55,8 @@ def done_only(runs: pd.DataFrame, probes: pd.DataFrame) -> tuple[pd.DataFrame, p
 def run_scores(probes: pd.DataFrame) -> pd.DataFrame:
     """One row per (run, kind): metrics averaged over the run's k-shot subsets (full: one subset).
     Std is recomputed from the averaged group accuracies (population std of the three)."""
+    import pandas as pd
+
     cols = ["run_id", "method", "split", "kind", "top1", "many", "medium", "few", "std", "subsets"]
     if probes.empty:
         return pd.DataFrame(columns=cols)
@@ -84,6 +91,8 @@ PAPER_SPLITS = {f"split{k}" for k in range(1, 6)}
 def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
     """Numeric Table 1: per method and shot the mean, std, n over done runs, the published
     number and the difference; `<shot>_note` says why a cell is empty."""
+    import pandas as pd
+
     done, dprobes, _ = done_only(runs, probes)
     scores = run_scores(dprobes)
     rows = []
@@ -102,6 +111,8 @@ def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
 
 def table2_frame(runs: pd.DataFrame, probes: pd.DataFrame, shot: str = "full") -> pd.DataFrame:
     """Numeric Table 2 for one shot: Many/Medium/Few/Std/All, mean and std over done runs."""
+    import pandas as pd
+
     done, dprobes, _ = done_only(runs, probes)
     scores = run_scores(dprobes)
     scores = scores[scores["kind"] == shot].rename(columns={"top1": "all"})
@@ -268,6 +279,8 @@ def render_report(runs: pd.DataFrame, probes: pd.DataFrame, fmt: str = "term", s
 def per_class_points(probes: pd.DataFrame, counts_by_split: dict[str, np.ndarray], shot: str) -> pd.DataFrame:
     """(method, run_id, class, count, acc): each run's per-class accuracy (k-shot: averaged
     over its subsets) against the class's count in that run's pretraining split."""
+    import pandas as pd
+
     recs = []
     sel = probes[(probes["kind"] == shot) & probes["split"].isin(list(counts_by_split))]
     for (run_id, method, split), g in sel.groupby(["run_id", "method", "split"]):
@@ -372,6 +385,8 @@ def load_class_counts(splits: Sequence[str], data_root: Path, splits_root: Path 
 def write_plots(registry, runs: pd.DataFrame, probes: pd.DataFrame, shot: str, folder: Path,
                 data_root: Path, splits_root: Path | None) -> list[str]:
     """PNG files into `folder`; returns one message per file written or skipped."""
+    import pandas as pd
+
     folder.mkdir(parents=True, exist_ok=True)
     done, dprobes, _ = done_only(runs, probes)
     msgs = []
@@ -420,8 +435,12 @@ def report_command(
     splits_root: Annotated[Optional[Path], typer.Option(
         "--splits-root", help="Folder of the paper's split files (default: $HARNESS_SPLITS or splits/paper).")] = None,
 ) -> None:
-    """Print the paper's tables from the registry: Table 1 (top-1 per shot vs the published
-    numbers) and Table 2 (Many/Medium/Few/Std/All); only runs with status 'done' count."""
+    """Print the paper's tables from the registry's probe scores.
+
+    Table 1: top-1 per shot beside the published numbers. Table 2:
+    Many/Medium/Few/Std/All for one shot (--shot). Only runs with status
+    'done' count.
+    """
     from harness.cli import fail  # the CLI's one-line error; imported here, cli imports this module
     from harness.registry import Registry, RegistryError
 

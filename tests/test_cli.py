@@ -1,13 +1,18 @@
 """The `harness` CLI through typer's runner: help texts, happy paths, error paths."""
+import ast
 import json
 import pickle
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from harness.cli import app
-from tests.conftest import SHARED_SPLITS
+from tests.conftest import REPO, SHARED_SPLITS
 
 runner = CliRunner()
 
@@ -19,11 +24,49 @@ def run(*args, ok=True):
     return res
 
 
-@pytest.mark.parametrize("cmd", [[], ["data"], ["splits"], ["runs"], ["data", "prepare"], ["splits", "make"],
-                                 ["runs", "list"]])
+GROUPS = {"data": ["prepare", "info"], "splits": ["import", "fetch", "verify", "show", "make"],
+          "runs": ["list", "show", "delete"]}
+TOP_COMMANDS = ["train", "eval", "report", "run", "bench"]
+
+
+@pytest.mark.parametrize("cmd", [[]] + [[g] for g in GROUPS] + [[c] for c in TOP_COMMANDS]
+                         + [[g, c] for g, cs in GROUPS.items() for c in cs])
 def test_help(cmd):
     res = run(*cmd, "--help")
     assert "Usage" in res.output
+
+
+def test_top_level_help_lists_every_group_and_command():
+    out = run("--help").output
+    for name in [*GROUPS, *TOP_COMMANDS]:
+        assert re.search(rf"^\W*{name}\s", out, re.M), f"{name} missing from --help:\n{out}"
+    for group, commands in GROUPS.items():
+        out = run(group, "--help").output
+        for name in commands:
+            assert re.search(rf"^\W*{name}\s", out, re.M), f"{group} {name} missing from --help:\n{out}"
+
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield (*prefix, name), cmd
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, (*prefix, name))
+
+
+def test_short_help_is_one_line():
+    """Typer shows a command's first docstring paragraph in the command list: one line, no ragged breaks."""
+    for path, cmd in _commands(typer.main.get_command(app)):
+        first = (cmd.help or "").strip().split("\n\n")[0]
+        assert first and "\n" not in first and len(first) <= 100, f"{' '.join(path)}: {first!r}"
+
+
+def test_cli_import_stays_light():
+    """`harness --help` must not pay for torch or pandas: they load inside the commands that need them."""
+    code = ("import harness.cli, sys; "
+            "print(sorted(m for m in ('torch','pandas','torchvision','sqlalchemy.orm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    loaded = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert not {"torch", "pandas", "torchvision"} & set(loaded), loaded
 
 
 def test_prepare_info_and_errors(tmp_path):
