@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from harness.registry import Registry
-from harness.train import Trainer, autocast, make_config, resolve_device, resolve_precision
+from harness.train import Trainer, autocast, check_compile_mode, make_config, resolve_device, resolve_precision
 
 # The authors' code on one H200 with 16 CPU cores, 8 loader workers, split 1 (SPEC 9).
 REFERENCE = {
@@ -222,6 +222,7 @@ def command_line() -> str:
 def run_bench(s: BenchSettings, log=print) -> dict:
     device = resolve_device(s.device)
     precision = resolve_precision(s.precision, device)
+    check_compile_mode(s.compile_mode)
     if device.type != "cuda" and not s.tiny:
         log("no CUDA device: running with tiny settings (128-image split, batch 64, 1+1 epochs, "
             "10 probe epochs); the figures say nothing about GPU speed")

@@ -471,6 +471,7 @@ def bench_command(
     device it runs tiny settings and says so.
     """
     from harness.bench import BenchSettings, format_bench, run_bench, write_json
+    from harness.train import TrainError
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     s = BenchSettings(methods=names, split=split, data_root=str(data_root),
@@ -478,7 +479,10 @@ def bench_command(
                       precision=precision, compile=compile, compile_mode=compile_mode, batch_size=batch_size,
                       timed_epochs=timed_epochs, profile=profile,
                       probe_epochs=probe_epochs)
-    result = run_bench(s, log=lambda m: typer.echo(m, err=True))
+    try:
+        result = run_bench(s, log=lambda m: typer.echo(m, err=True))
+    except TrainError as e:
+        fail(str(e))
     typer.echo(format_bench(result))
     if json_out:
         write_json(result, json_out)

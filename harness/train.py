@@ -418,6 +418,12 @@ def train(cfg: TrainConfig, registry: Registry, resume: int | None = None, progr
     return Trainer(cfg, registry, resume=resume, progress=progress).fit()
 
 
+def check_compile_mode(mode: str) -> str:
+    if mode not in COMPILE_MODES:
+        raise TrainError(f"--compile-mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
 def make_config(method: str, split: str = "1", **overrides: Any) -> TrainConfig:
     """Paper defaults for `method`, with loop and recipe overrides by name (None = keep)."""
     mc = default_config(method)
@@ -430,7 +436,5 @@ def make_config(method: str, split: str = "1", **overrides: Any) -> TrainConfig:
     mc = dataclasses.replace(mc, **m_over)
     if mc.epochs < 1 or mc.batch_size < 1:
         raise TrainError("--epochs and --batch-size must be at least 1")
-    mode = t_over.get("compile_mode", "default")
-    if mode not in COMPILE_MODES:
-        raise TrainError(f"--compile-mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    check_compile_mode(t_over.get("compile_mode", "default"))
     return TrainConfig(method=mc, split=normalise_split_name(split), **t_over)
