@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks that fit one device call (an H100/H200, about 8 minutes), most urgent first:
+#   0. the CUDA-only tests (augmentation on CUDA == CPU bit for bit, graphed probes == eager);
 #   1. `harness bench --profile` (eager): speed per method, compute limits, time per phase;
 #   2. `harness run` of SimCLR and BCL-D on split 1 for 50 epochs, evaluated, then the report:
 #      the whole pipeline on CUDA with real data (not a paper-length run);
@@ -11,8 +12,9 @@
 # OUT receives device.txt, bench_eager.{json,log}, run.log, registry.db, report.md,
 # bench_compile.{json,log}. A step that fails or runs out of time does not stop the next one.
 #
-# The GPU image may lack SQLAlchemy and cannot reach PyPI: carry a wheel for its Python in
-# .whl/ (here: `pip download sqlalchemy --only-binary :all: --no-deps --python-version 3.12 -d .whl`).
+# The GPU image may lack SQLAlchemy and pytest and cannot reach PyPI: carry wheels for its
+# Python in .whl/ (here: `pip download sqlalchemy pytest pluggy iniconfig packaging pygments
+# --only-binary :all: --no-deps --python-version 3.12 -d .whl`).
 set -uo pipefail
 if [ $# -ne 3 ]; then
   echo "usage: tools/gpu_check.sh DATA_ROOT SPLITS_ROOT OUT" >&2
@@ -20,7 +22,7 @@ if [ $# -ne 3 ]; then
 fi
 data=$1 splits=$2 out=$3
 mkdir -p "$out"
-if ! python3 -c "import sqlalchemy" 2>/dev/null; then
+if ! python3 -c "import sqlalchemy, pytest" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
@@ -33,6 +35,9 @@ common=(--data-root "$data" --splits-root "$splits")
               'python', platform.python_version())"
   date -u +%FT%TZ; git rev-parse HEAD 2>/dev/null
   harness data info --root "$data"; } 2>&1 | tee "$out/device.txt"
+
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_augment.py tests/test_probe.py -k cuda 2>&1 \
+  | tail -5 | tee "$out/cuda_tests.log"
 
 timeout 150 python3 -m harness.cli bench "${common[@]}" --profile --json "$out/bench_eager.json" 2>&1 \
   | tee "$out/bench_eager.log"
