@@ -53,8 +53,8 @@ reproduce-inside:  ## what `reproduce` runs in the container: data, splits, 4 me
 report: ## the paper's tables from the registry, plus plots in results/plots
 	$(HARNESS) report --plots results/plots
 
-bench:  ## speed per method vs the compute limit and the authors' code (JSON in results/bench/)
-	$(HARNESS) bench --json results/bench/latest.json
+bench:  ## speed per method vs the compute limit and the authors' code, time per phase (JSON in results/bench/)
+	$(HARNESS) bench --profile --json results/bench/latest.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info $(SMOKE)

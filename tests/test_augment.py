@@ -509,6 +509,22 @@ def test_no_per_sample_python_loop(imgs):
     assert counts[1] == counts[2], counts
 
 
+def test_op_budget(imgs):
+    """On a GPU the pipelines are bound by kernel count, not arithmetic: a guard against a
+    change that quietly multiplies the ops (apply_simclr was 881, apply_randaug k=2 980,
+    before hue ran once per batch and the round parameters were vectorised)."""
+    n = 16
+    x = imgs[:n]
+    params = A.draw_simclr_params(n, gen(0))
+    rounds = A.draw_randaug_params(n, 2, torch.full((n,), 0.5), gen(1))
+    A.apply_simclr(x, params)  # warm the per-device constant cache
+    with _CountOps() as simclr:
+        A.apply_simclr(x, params)
+    with _CountOps() as randaug:
+        A.apply_randaug(x, torch.full((n,), 20.0), rounds)
+    assert simclr.count <= 620 and randaug.count <= 760, (simclr.count, randaug.count)
+
+
 def test_rejects_non_uint8(imgs):
     with pytest.raises(ValueError):
         A.simclr_augment(imgs.float(), gen(0))
