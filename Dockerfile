@@ -30,6 +30,10 @@ ARG HARNESS_UID=1000
 ARG HARNESS_GID=1000
 # GNU make for `make reproduce-inside`; this version is the one of Ubuntu 24.04 (the base image's OS).
 ARG MAKE_VERSION=4.3-4.1build2
+# A C compiler for `--compile`: Triton builds its kernel launchers with one at run time. Runtime
+# images since pytorch/pytorch#170235 ship gcc; an older base gets Ubuntu 24.04's gcc and the
+# libc headers of exactly the libc it has.
+ARG GCC_VERSION=4:13.2.0-7ubuntu1
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -41,6 +45,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends "make=${MAKE_VERSION}" \
+ && if ! command -v gcc >/dev/null; then \
+        apt-get install -y --no-install-recommends "gcc=${GCC_VERSION}" \
+            "libc6-dev=$(dpkg-query --showformat='${Version}' --show libc6)"; \
+    fi \
+ && gcc --version | head -n 1 \
  && rm -rf /var/lib/apt/lists/*
 
 RUN if [ "${HARNESS_UID}" -eq 0 ] || [ "${HARNESS_GID}" -eq 0 ]; then \
