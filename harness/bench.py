@@ -255,7 +255,37 @@ def run_bench(s: BenchSettings, log=print) -> dict:
         out["methods"].append(r)
     log(f"probes: {s.probe_epochs} epochs ...")
     out["probes"] = bench_probes(device, s.probe_epochs, s.tiny)
+    out["targets"] = [] if s.tiny else target_rows(out)
     return out
+
+
+def target_rows(r: dict) -> list[dict]:
+    """The speed targets of an H100/H200-class GPU, each with its measured value and verdict.
+    SimCLR's share is of the compiled limit measured in this process when the bench ran with
+    --compile, else of SPEC 9's compiled limit for an H200 (said in the row)."""
+    by = {m["method"]: m for m in r["methods"]}
+    rows = []
+    if "simclr" in by:
+        if r["compile"]:
+            limit, source = r["compute_limit_img_s"], "measured here"
+        else:
+            limit, source = REFERENCE["compute_limit_img_s"]["bf16+compile"], "SPEC 9's H200 figure"
+        share = by["simclr"]["image_passes_per_s"] / limit
+        rows.append({"key": "simclr_share", "target": "SimCLR >= 50% of the compiled compute limit", "met": share >= 0.5,
+                     "value": f"{share:.0%} of {limit:,.0f} img/s ({source})"})
+    if "simclr" in by and "bcl-d" in by:
+        ratio = by["bcl-d"]["seconds_per_epoch"] / by["simclr"]["seconds_per_epoch"]
+        rows.append({"key": "bcld_ratio", "target": "BCL-D epoch <= 1.3x SimCLR's", "met": ratio <= 1.3, "value": f"{ratio:.2f}x"})
+    p = r["probes"]
+    probe_s = p["probe_seconds"] + p["feature_seconds"]
+    if p["probe_epochs"] == 500:
+        rows.append({"key": "probe_set", "target": "probe set (11 x 500 epochs, features included) < 30 s", "met": probe_s < 30,
+                     "value": f"{probe_s:.1f} s"})
+        if "bcl-d" in by:
+            run_min = (by["bcl-d"]["seconds_per_epoch"] * PAPER_EPOCHS + probe_s) / 60
+            rows.append({"key": "bcld_run", "target": "2,000 BCL-D epochs + evaluation < 15 min", "met": run_min < 15,
+                         "value": f"{run_min:.1f} min (checkpoint writes not included)"})
+    return rows
 
 
 def compile_label(compile: bool, mode: str | None) -> str:
@@ -309,6 +339,9 @@ def format_bench(r: dict) -> str:
                  f"+ features {p['feature_seconds']:.1f} s (reference: ~{REFERENCE['probe_seconds_one_full_shot']:.0f} s "
                  f"for one full-shot probe)")
     lines.append(f"reference figures: {REFERENCE['device']}")
+    if r.get("targets"):
+        lines += ["", "targets (H100/H200 class):"]
+        lines += [f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']}" for t in r["targets"]]
     return "\n".join(lines + format_profile(r))
 
 

@@ -22,6 +22,26 @@ def test_cpu_bench_runs_tiny_and_says_so(tmp_path):
     assert r["probes"]["probes"] == 11 and r["probes"]["probe_seconds"] > 0
     text = format_bench(r)
     assert "TINY CPU SETTINGS" in text and "BCL-D / SimCLR epoch time" in text and "speed-up" in text
+    assert r["targets"] == [] and "targets" not in text  # tiny CPU figures are not judged
+
+
+def test_targets_judge_each_figure():
+    from harness.bench import target_rows
+
+    def judged(simclr_s, bcld_s, compile, limit, probe_s):
+        m = lambda name, sec: {"method": name, "seconds_per_epoch": sec, "image_passes_per_s": 19_508 / sec}
+        r = {"compile": compile, "compute_limit_img_s": limit, "methods": [m("simclr", simclr_s), m("bcl-d", bcld_s)],
+             "probes": {"probe_seconds": probe_s - 0.5, "feature_seconds": 0.5, "probe_epochs": 500}}
+        return {t["key"]: t for t in target_rows(r)}
+
+    rows = judged(0.3, 0.39, True, 100_000, 3)
+    assert all(t["met"] for t in rows.values()) and len(rows) == 4  # 0.39 s x 2000 + 3 s = 13.05 min
+    assert "65% of 100,000 img/s (measured here)" in rows["simclr_share"]["value"]
+    assert rows["bcld_ratio"]["value"] == "1.30x"
+    rows = judged(0.45, 0.623, False, 60_000, 31)
+    assert not any(t["met"] for t in rows.values())
+    assert "SPEC 9" in rows["simclr_share"]["value"]  # 43.4k of the reference's compiled 92.1k
+
 
 
 def test_bench_command_writes_json(tmp_path, monkeypatch):
@@ -36,13 +56,16 @@ def test_bench_command_writes_json(tmp_path, monkeypatch):
                          "profile": {"steps": 4, "wall_ms_per_step": 20.0, "device_ms_per_step": 15.0,
                                      "phases": {"augment": {"calls_per_step": 1.0, "host_ms": 0.5,
                                                             "device_ms": 3.9}}}}],
-            "probes": {"feature_seconds": 1.0, "probe_seconds": 2.0, "probes": 11, "probe_epochs": 10}}
+            "probes": {"feature_seconds": 1.0, "probe_seconds": 2.0, "probes": 11, "probe_epochs": 10},
+            "targets": [{"key": "bcld_ratio", "target": "BCL-D epoch <= 1.3x SimCLR's", "met": False,
+                         "value": "1.58x"}]}
     monkeypatch.setattr(bench, "run_bench", lambda s, log: fake)
     out = tmp_path / "b.json"
     res = CliRunner().invoke(app, ["bench", "--methods", "simclr", "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["methods"][0]["seconds_per_epoch"] == 10.0
     assert "51%" in res.output and "0.3x" in res.output
+    assert "[NOT met] BCL-D epoch <= 1.3x SimCLR's: 1.58x" in res.output
     assert "augment" in res.output and "3.90" in res.output and "device busy 15.00 ms (75% of wall)" in res.output
 
 
