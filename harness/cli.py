@@ -391,7 +391,8 @@ def run_command(
     probe_family: Annotated[Optional[str], typer.Option(help="Generated probe lists instead of the paper's.")]
     = None,
     devices: Annotated[Optional[str], typer.Option(help="Comma-separated devices, one cell each at a time "
-                                                   "(default: every visible GPU, else cpu).")] = None,
+                                                   "(default: every visible GPU, else cpu); list a GPU twice "
+                                                   "to run two cells on it.")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32.")] = "auto",
     compile: CompileOpt = False,
     compile_mode: CompileModeOpt = "default",
