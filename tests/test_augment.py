@@ -169,6 +169,16 @@ def test_resized_crop_arbitrary_boxes(imgs):
     assert torch.equal(ours[:8], imgs[:8])  # full-image crop is the identity, as in PIL
 
 
+def test_resized_crop_non_square_images(imgs):
+    """Width != height takes the per-axis weight path (square images share one computation)."""
+    x = imgs[:32, :, :, 4:28].contiguous()  # 32 rows x 24 columns
+    top, left, h, w = A.draw_crop_params(len(x), gen(3), height=32, width=24)
+    ours = A.resized_crop(x, top, left, h, w)
+    ref = pil_batch(x, lambda i, im: im.crop(
+        (int(left[i]), int(top[i]), int(left[i] + w[i]), int(top[i] + h[i]))).resize((32, 32), Image.BICUBIC))
+    assert_close(ours, ref, 0, "non-square crop+resize")
+
+
 def test_crop_params_valid_and_distributed_like_torchvision():
     n = 20000
     top, left, h, w = A.draw_crop_params(n, gen(3))
@@ -522,7 +532,7 @@ def test_op_budget(imgs):
         A.apply_simclr(x, params)
     with _CountOps() as randaug:
         A.apply_randaug(x, torch.full((n,), 20.0), rounds)
-    assert simclr.count <= 620 and randaug.count <= 760, (simclr.count, randaug.count)
+    assert simclr.count <= 560 and randaug.count <= 760, (simclr.count, randaug.count)
 
 
 def test_rejects_non_uint8(imgs):
