@@ -44,6 +44,7 @@ class BenchSettings:
     compile: bool = False
     compile_mode: str = "default"
     profile: bool = False        # one more epoch per method under torch.profiler: time per phase
+    overlap_augment: bool = True  # False: augment each batch in turn (to measure what overlap gains)
     batch_size: int = 512
     warmup_epochs: int = 2       # untimed: compilation, cuDNN autotuning, BCL memory filled
     timed_epochs: int = 3
@@ -97,7 +98,7 @@ def bench_method(name: str, s: BenchSettings, data_root: str, split: str) -> dic
         reg = Registry(f"sqlite:///{tmp}/bench.db")
         cfg = make_config(name, split, epochs=epochs, batch_size=s.batch_size, device=s.device,
                           precision=s.precision, compile=s.compile, compile_mode=s.compile_mode,
-                          data_root=data_root,
+                          overlap_augment=s.overlap_augment, data_root=data_root,
                           splits_root=s.splits_root, checkpoint_dir=tmp, checkpoint_every=10**9)
         tr = Trainer(cfg, reg, progress=False)
         for _ in range(s.warmup_epochs):
@@ -234,7 +235,7 @@ def run_bench(s: BenchSettings, log=print) -> dict:
     else:
         data_root, split = s.data_root, s.split
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
-           "precision": precision, "compile": s.compile, "compile_mode": s.compile_mode if s.compile else None,
+           "precision": precision, "overlap_augment": s.overlap_augment, "compile": s.compile, "compile_mode": s.compile_mode if s.compile else None,
            "batch_size": s.batch_size, "tiny": s.tiny,
            "split": split if not s.tiny else "tiny (128 images)",
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -310,7 +311,8 @@ def format_profile(r: dict) -> list[str]:
             lines.append(f"{m['method'] if i == 0 else '':<8} {phase:<28} {v['calls_per_step']:>6.2f} "
                          f"{v['host_ms']:>8.2f} {dev:>10}")
         busy = p["device_ms_per_step"]
-        tail = (f"device busy {busy:.2f} ms ({busy / p['wall_ms_per_step']:.0%} of wall)" if busy is not None
+        tail = (f"kernels {busy:.2f} ms ({busy / p['wall_ms_per_step']:.0%} of wall; streams add up)"
+                if busy is not None
                 else "no device trace (CPU run)")
         lines.append(f"{'':<8} {'= step, wall':<28} {'':>6} {p['wall_ms_per_step']:>8.2f}   {tail}")
     return lines
@@ -318,6 +320,8 @@ def format_profile(r: dict) -> list[str]:
 
 def format_bench(r: dict) -> str:
     label = compile_label(r['compile'], r.get('compile_mode'))
+    if not r.get("overlap_augment", True):
+        label += ", augmentation not overlapped"
     lines = [f"device {r['device']}, {r['precision']}{label}, batch {r['batch_size']}, "
              f"split {r['split']}{'  [TINY CPU SETTINGS: not comparable to GPU figures]' if r['tiny'] else ''}",
              f"compute limit (ResNet-18 train steps on resident random batches): "

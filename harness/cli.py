@@ -461,6 +461,8 @@ def bench_command(
     profile: Annotated[bool, typer.Option("--profile", help="Also profile one more epoch per method: host and "
                                           "device ms per step for each phase (augment, forward+loss, "
                                           "backward, optimizer, prune, ...).")] = False,
+    overlap: Annotated[bool, typer.Option(help="Augment the next batch while this one trains (on CUDA on a "
+                                          "side stream); --no-overlap measures what that gains.")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON here "
                                                      "(device, versions, date and command included).")] = None,
 ) -> None:
@@ -478,7 +480,7 @@ def bench_command(
     s = BenchSettings(methods=names, split=split, data_root=str(data_root),
                       splits_root=str(splits_root) if splits_root else None, device=device,
                       precision=precision, compile=compile, compile_mode=compile_mode, batch_size=batch_size,
-                      timed_epochs=timed_epochs, profile=profile,
+                      timed_epochs=timed_epochs, profile=profile, overlap_augment=overlap,
                       probe_epochs=probe_epochs)
     try:
         result = run_bench(s, log=lambda m: typer.echo(m, err=True))

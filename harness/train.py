@@ -57,6 +57,7 @@ class TrainConfig:
     monitor_size: int = 2000          # test images the kNN monitor classifies
     tags: list[str] = field(default_factory=list)
     max_steps: int | None = None      # stop after this many steps in this call (benchmarks, tests)
+    overlap_augment: bool = True      # augment the next batch early (on CUDA: on a side stream)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -251,6 +252,12 @@ class Trainer:
         self.wall_time = 0.0
         self.last_lr: float | None = None
         self.steps_this_call = 0
+        # the next step's views, made while this step trains: (epoch, step, views, ready event),
+        # and the augmentation generator's state from before they were drawn (what a checkpoint keeps)
+        self.pending: tuple | None = None
+        self.pending_aug_state: torch.Tensor | None = None
+        self.aug_stream = (torch.cuda.Stream(self.device)
+                           if cfg.overlap_augment and self.device.type == "cuda" else None)
 
         if ckpt is None:
             dev_name, versions, rev = environment(self.device)
@@ -268,7 +275,7 @@ class Trainer:
     def _merge_resume(saved: TrainConfig, asked: TrainConfig) -> TrainConfig:
         """A resumed run keeps its recipe; only where/how it runs may change."""
         return dataclasses.replace(saved, device=asked.device, compile=asked.compile,
-                                   compile_mode=asked.compile_mode,
+                                   compile_mode=asked.compile_mode, overlap_augment=asked.overlap_augment,
                                    data_root=asked.data_root, splits_root=asked.splits_root,
                                    checkpoint_dir=asked.checkpoint_dir, max_steps=asked.max_steps)
 
@@ -280,8 +287,9 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "epochs_done": self.epoch - 1, "perm": self.perm, "loss_sum": self.loss_sum.cpu(), "model": self.method.net.state_dict(),
             "optimizer": self.optimizer.state_dict(), "method_state": self.method.state_dict(),
-            "rng": {"order": self.order_gen.get_state(), "aug": self.aug_gen.get_state(),
-                    "torch": torch.get_rng_state()},
+            "rng": {"order": self.order_gen.get_state(), "torch": torch.get_rng_state(),
+                    # views made ahead of time are not saved: the resumed run draws them again
+                    "aug": self.pending_aug_state if self.pending is not None else self.aug_gen.get_state()},
             "wall_time_s": self.wall_time, "num_samples": self.n,
         }
 
@@ -366,17 +374,55 @@ class Trainer:
         start = self.step_in_epoch * self.cfg.method.batch_size
         return min(self.n, start + self.cfg.method.batch_size) - start
 
+    def _batch(self, perm: torch.Tensor, step: int) -> torch.Tensor:
+        bs = self.cfg.method.batch_size
+        return perm[step * bs:(step + 1) * bs]
+
+    def _views(self, perm: torch.Tensor, step: int) -> torch.Tensor:
+        """This step's views: made ahead during the previous step, or now (first step of an epoch)."""
+        if self.pending is not None:
+            epoch, at, views, ready = self.pending
+            self.pending = None
+            if (epoch, at) == (self.epoch, step):
+                if ready is not None:  # made on the side stream: wait for it, keep its memory alive
+                    main = torch.cuda.current_stream(self.device)
+                    main.wait_event(ready)
+                    views.record_stream(main)
+                return views
+            self.aug_gen.set_state(self.pending_aug_state)  # made for another step: undo its draws
+        batch = self._batch(perm, step)
+        return self.method.step_views(self.images[batch], batch, self.epoch, self.aug_gen)
+
+    def _prefetch_views(self, perm: torch.Tensor, step: int) -> None:
+        """Augment `step`'s batch now; on CUDA on a side stream, so it overlaps this step's training."""
+        self.pending_aug_state = self.aug_gen.get_state()
+        batch = self._batch(perm, step)
+        if self.aug_stream is None:
+            views, ready = self.method.step_views(self.images[batch], batch, self.epoch, self.aug_gen), None
+        else:
+            self.aug_stream.wait_stream(torch.cuda.current_stream(self.device))  # perm and w are written
+            with torch.cuda.stream(self.aug_stream):
+                views = self.method.step_views(self.images[batch], batch, self.epoch, self.aug_gen)
+                ready = torch.cuda.Event()
+                ready.record(self.aug_stream)
+        self.pending = (self.epoch, step, views, ready)
+
     def _step(self, perm: torch.Tensor) -> torch.Tensor:
         mc = self.cfg.method
         it = (self.epoch - 1) * self.steps_per_epoch + self.step_in_epoch + 1
         lr = lr_at(it, self.total_steps, self.warmup_steps, mc.lr, mc.final_lr)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        batch = perm[self.step_in_epoch * mc.batch_size:(self.step_in_epoch + 1) * mc.batch_size]
+        batch = self._batch(perm, self.step_in_epoch)
+        views = self._views(perm, self.step_in_epoch)
+        # within an epoch the views depend only on the generator, the data order and BCL's
+        # weights (fixed until the epoch ends), so the next batch can be augmented already
+        if self.cfg.overlap_augment and self.step_in_epoch + 1 < self.steps_per_epoch:
+            self._prefetch_views(perm, self.step_in_epoch + 1)
         if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs may be overwritten now
         with autocast(self.device, self.precision):
-            loss, _ = self.method.training_step(self.images[batch], batch, self.epoch, self.aug_gen)
+            loss, _ = self.method.step_loss(views, batch)
         with record_function("harness/backward"):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

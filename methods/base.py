@@ -10,6 +10,10 @@ schedule, data order and autocast, and calls, per epoch::
         loss.backward(); ...
     stats = method.on_epoch_end(epoch)
 
+``training_step`` is ``step_loss(step_views(...))``; the loop calls the halves apart so that
+the next batch's augmentation (which depends only on the generator and on state that is
+fixed within an epoch) runs on a side stream while this batch trains.
+
 Each phase runs inside a ``record_function("harness/<phase>")`` range, so a
 ``torch.profiler`` trace (``harness bench --profile``) attributes host and device time
 to augment / boosted-augment / forward+loss / backward / optimizer / prune / bcl-*.
@@ -90,7 +94,14 @@ class Method:
 
     def training_step(self, images: Tensor, indices: Tensor, epoch: int,
                       generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        views = self.make_views(images, generator)
+        return self.step_loss(self.step_views(images, indices, epoch, generator), indices)
+
+    # the two halves of a step; the loop calls them apart to augment the next batch early
+    def step_views(self, images: Tensor, indices: Tensor, epoch: int, generator: torch.Generator) -> Tensor:
+        """The augmented views of a batch: uses only the generator and state fixed for the epoch."""
+        return self.make_views(images, generator)
+
+    def step_loss(self, views: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         with record_function("harness/forward+loss"):
             return self.loss_from_views(views)
 

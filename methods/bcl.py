@@ -55,15 +55,15 @@ class BCL(Method):
             scale = w * u
         return cfg.bcl_min_magnitude + (cfg.bcl_max_magnitude - cfg.bcl_min_magnitude) * scale
 
-    def training_step(self, images: Tensor, indices: Tensor, epoch: int,
-                      generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        if epoch > 1:
-            with record_function("harness/boosted-params"):
-                w = self.w[indices]
-                m = self.magnitude(w, generator)
-            views = self.make_views(images, generator, w, m, self.cfg.bcl_k)
-        else:  # w = 0: every boosted op has probability 0
-            views = self.make_views(images, generator)
+    def step_views(self, images: Tensor, indices: Tensor, epoch: int, generator: torch.Generator) -> Tensor:
+        if epoch == 1:  # w = 0: every boosted op has probability 0
+            return self.make_views(images, generator)
+        with record_function("harness/boosted-params"):
+            w = self.w[indices]  # w changes only at the end of an epoch
+            m = self.magnitude(w, generator)
+        return self.make_views(images, generator, w, m, self.cfg.bcl_k)
+
+    def step_loss(self, views: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         with record_function("harness/forward+loss"):
             loss, per_sample = self.base.loss_from_views(views)
         self.update_memory(indices, per_sample)

@@ -160,3 +160,27 @@ def test_profile_attributes_every_phase(tiny, tmp_path):
     assert all(v["host_ms"] > 0 for v in phases.values())
     assert sum(v["host_ms"] for v in phases.values()) <= p["wall_ms_per_step"]  # disjoint ranges within the epoch
     assert tr.epoch == 3  # the profiled epoch is a real epoch of the run
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_overlapped_augmentation_gives_the_same_views(tiny, tmp_path, device):
+    """Augmenting the next batch ahead (on CUDA: on a side stream, while this batch trains)
+    feeds every step exactly the views that augmenting it in turn gives, boosted epochs included."""
+    def views_seen(overlap: bool) -> list[torch.Tensor]:
+        cfg = config(tiny, "bcl-d", tmp_path / str(overlap), epochs=2, device=device, overlap_augment=overlap)
+        tr = Trainer(cfg, Registry(f"sqlite:///{tmp_path}/{overlap}.db"), progress=False)
+        seen, step_loss = [], tr.method.step_loss
+
+        def record(views, indices):
+            seen.append(views.clone())  # on the training stream, after the wait for the side stream
+            return step_loss(views, indices)
+
+        tr.method.step_loss = record
+        tr.run_epoch()
+        tr.run_epoch()
+        return [v.cpu() for v in seen]
+
+    ahead, in_turn = views_seen(True), views_seen(False)
+    assert len(ahead) == len(in_turn) == 6
+    assert all(torch.equal(a, b) for a, b in zip(ahead, in_turn))

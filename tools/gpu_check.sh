@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks that fit one device call (an H100/H200, about 8 minutes), most urgent first:
-#   0. the CUDA-only tests (augmentation on CUDA == CPU bit for bit, graphed probes == eager);
-#   1. `harness bench --profile` (eager): speed per method, compute limits, time per phase;
+#   0. the CUDA-only tests (augmentation on CUDA == CPU bit for bit, graphed probes == eager,
+#      views augmented ahead on the side stream == augmented in turn);
+#   1. `harness bench --profile` (eager): speed per method, compute limits, time per phase; then
+#      SimCLR and BCL-D again with --no-overlap (what augmenting ahead on a side stream gains);
 #   2. `harness run` of SimCLR and BCL-D on split 1 for 50 epochs, evaluated, then the report:
 #      the whole pipeline on CUDA with real data (not a paper-length run);
 #   3. `harness bench --compile` for SimCLR and BCL-D (compilation counts in the warm-up epochs).
@@ -9,8 +11,9 @@
 # Usage, from the repository root on the GPU machine:
 #   tools/gpu_check.sh DATA_ROOT SPLITS_ROOT OUT
 # DATA_ROOT holds cifar-100-python/ (the real pickles), SPLITS_ROOT the paper's 17 .npy files,
-# OUT receives device.txt, bench_eager.{json,log}, run.log, registry.db, report.md,
-# bench_compile.{json,log}. A step that fails or runs out of time does not stop the next one.
+# OUT receives device.txt, cuda_tests.log, bench_eager.{json,log}, bench_no_overlap.{json,log},
+# run.log, registry.db, report.md, bench_compile.{json,log}. A step that fails or runs out of time
+# does not stop the next one.
 #
 # The GPU image may lack SQLAlchemy and pytest and cannot reach PyPI: carry wheels for its
 # Python in .whl/ (here: `pip download sqlalchemy pytest pluggy iniconfig packaging pygments
@@ -36,11 +39,15 @@ common=(--data-root "$data" --splits-root "$splits")
   date -u +%FT%TZ; git rev-parse HEAD 2>/dev/null
   harness data info --root "$data"; } 2>&1 | tee "$out/device.txt"
 
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_augment.py tests/test_probe.py -k cuda 2>&1 \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_augment.py tests/test_probe.py tests/test_train.py \
+  -k cuda 2>&1 \
   | tail -5 | tee "$out/cuda_tests.log"
 
 timeout 150 python3 -m harness.cli bench "${common[@]}" --profile --json "$out/bench_eager.json" 2>&1 \
   | tee "$out/bench_eager.log"
+
+timeout 90 python3 -m harness.cli bench "${common[@]}" --methods simclr,bcl-d --no-overlap --probe-epochs 1 \
+  --json "$out/bench_no_overlap.json" 2>&1 | tee "$out/bench_no_overlap.log"
 
 reg="sqlite:///$out/registry.db"
 timeout 170 python3 -m harness.cli run --methods simclr,bcl-d --splits 1 --epochs 50 "${common[@]}" \
