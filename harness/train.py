@@ -1,7 +1,9 @@
 """The training loop: one readable function over a device-resident uint8 split.
 
 Per epoch: method.on_epoch_start, a seeded permutation, steps of (augment -> forward ->
-loss -> SGD) with the per-iteration schedule, method.on_epoch_end, one registry row.
+loss -> SGD) with the per-iteration schedule, method.on_epoch_end, one registry row. Each
+step's batch is augmented during the previous step (on CUDA on a side stream, so the small
+augmentation kernels overlap the network's), in the same generator order as one by one.
 A checkpoint holds everything needed to continue bit-for-bit, even mid-epoch: model,
 optimizer, method state (BCL memory and weights; SDCLR masks live in the model), the
 epoch's permutation and position, and every RNG state. Ctrl-C is caught between steps:
@@ -363,16 +365,12 @@ class Trainer:
                                                      and self.steps_this_call >= self.cfg.max_steps):
                 self.wall_time += self._sync_time(t0)
                 return False
-            loss = self._step(perm)
-            self.loss_sum += loss.detach() * self._batch_len()
+            loss, batch_len = self._step(perm)
+            self.loss_sum += loss.detach() * batch_len
             self.step_in_epoch += 1
             self.steps_this_call += 1
         self._end_epoch(t0, bar)
         return True
-
-    def _batch_len(self) -> int:
-        start = self.step_in_epoch * self.cfg.method.batch_size
-        return min(self.n, start + self.cfg.method.batch_size) - start
 
     def _batch(self, perm: torch.Tensor, step: int) -> torch.Tensor:
         bs = self.cfg.method.batch_size
@@ -407,7 +405,7 @@ class Trainer:
                 ready.record(self.aug_stream)
         self.pending = (self.epoch, step, views, ready)
 
-    def _step(self, perm: torch.Tensor) -> torch.Tensor:
+    def _step(self, perm: torch.Tensor) -> tuple[torch.Tensor, int]:
         mc = self.cfg.method
         it = (self.epoch - 1) * self.steps_per_epoch + self.step_in_epoch + 1
         lr = lr_at(it, self.total_steps, self.warmup_steps, mc.lr, mc.final_lr)
@@ -429,7 +427,7 @@ class Trainer:
         with record_function("harness/optimizer"):
             self.optimizer.step()
         self.last_lr = lr
-        return loss
+        return loss, len(batch)
 
     def _sync_time(self, t0: float) -> float:
         if self.device.type == "cuda":
