@@ -7,6 +7,7 @@ The schema carries a version number; `migrate` brings older files up to date.
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -130,6 +131,23 @@ def resolve_url(url: str | None = None) -> str:
     return url or os.environ.get(ENV_VAR) or DEFAULT_URL
 
 
+def _finite_json(obj: Any) -> Any:
+    """NaN and infinities as null: JSON has no token for them and PostgreSQL rejects Python's
+    NaN (a per-class accuracy is NaN for a class the test labels lack)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
+
+
+def json_dumps(obj: Any) -> str:
+    """How the JSON columns are written, on every backend (SQLite would keep NaN, PostgreSQL not)."""
+    return json.dumps(_finite_json(obj), allow_nan=False)
+
+
 def _make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
@@ -145,7 +163,7 @@ def _make_engine(url: str) -> Engine:
                     folder.mkdir(parents=True, exist_ok=True)
                 except OSError as e:
                     raise RegistryError(f"cannot create the folder for registry {url!r}: {e}") from None
-        engine = create_engine(url, connect_args={"timeout": 60})
+        engine = create_engine(url, connect_args={"timeout": 60}, json_serializer=json_dumps)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # WAL lets readers and one writer overlap
@@ -156,7 +174,7 @@ def _make_engine(url: str) -> Engine:
             cur.close()
         return engine
     try:
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, json_serializer=json_dumps)
     except Exception as e:  # a missing DB driver, bad options
         raise RegistryError(f"cannot use registry URL {url!r}: {e}") from None
 
@@ -364,4 +382,6 @@ def _run_dict(run: Run) -> dict:
 
 
 def to_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=lambda o: o.isoformat() if isinstance(o, datetime) else str(o))
+    """Strict JSON for `--json` output: datetimes in ISO form, NaN (a diverged loss) as null."""
+    return json.dumps(_finite_json(obj), indent=2, allow_nan=False,
+                      default=lambda o: o.isoformat() if isinstance(o, datetime) else str(o))

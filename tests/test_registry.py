@@ -1,17 +1,187 @@
-"""Result registry: round trip, concurrent writers, bad URLs, schema migration."""
+"""Result registry: round trip, concurrent writers, bad URLs, schema migration.
+
+Backend-independent tests run on SQLite and on a real PostgreSQL server (through the pg8000
+driver). The server is a throwaway cluster that the `pg_server` fixture creates with the local
+PostgreSQL binaries (initdb, pg_ctl, postgres) and stops after this module; each test gets its own
+database. Without the binaries (or, as root, without `runuser` and a `postgres` user to run them
+as) or the pg8000 driver, the PostgreSQL cases skip and say what is missing.
+"""
+import importlib.util
+import json
+import math
 import multiprocessing as mp
-import sqlite3
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
 
-from harness.registry import SCHEMA_VERSION, Registry, RegistryError
+from harness.registry import SCHEMA_VERSION, Registry, RegistryError, utcnow
+
+PG_USER = "harness"  # superuser of the throwaway cluster (trust auth on loopback)
+PG_START_TIMEOUT_S = 20
+
+
+# -- a throwaway PostgreSQL server ----------------------------------------------------------
+@dataclass
+class PgServer:
+    port: int
+    admin: Engine  # AUTOCOMMIT engine on the `postgres` database, for CREATE/DROP DATABASE
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+pg8000://{PG_USER}@127.0.0.1:{self.port}/{database}"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+@pytest.fixture(scope="module")
+def pg_server(tmp_path_factory):
+    """Start a PostgreSQL cluster for this module; skip (saying what is missing) when it cannot be
+    set up. Only setup skips: registry failures in the tests that use it fail as usual."""
+    bins = {b: shutil.which(b) for b in ("initdb", "pg_ctl", "postgres")}
+    missing = [b for b, p in bins.items() if p is None]
+    if missing:
+        pytest.skip(f"PostgreSQL server binaries not on PATH: {', '.join(missing)}")
+    if importlib.util.find_spec("pg8000") is None:
+        pytest.skip("PostgreSQL driver pg8000 is not installed (pip install pg8000)")
+    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres system user
+        runuser = shutil.which("runuser")
+        if runuser is None:
+            pytest.skip("running as root (initdb refuses root) and `runuser` is not on PATH "
+                        "to run PostgreSQL as another user")
+        try:
+            import pwd
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root (initdb refuses root) and there is no `postgres` system user")
+        prefix = [runuser, "-u", "postgres", "--"]
+        # pytest's basetemp is private to root (mode 0700), so the postgres user could not reach a
+        # cluster under tmp_path: use a fresh private folder owned by postgres, removed afterwards.
+        base = Path(tempfile.mkdtemp(prefix="harness-pg-"))
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+        remove_base = True
+    else:
+        prefix, pw = [], None
+        base = tmp_path_factory.mktemp("pg")
+        remove_base = False
+    data, sock, log = base / "data", base / "sock", base / "postgres.log"
+
+    def pg(*args: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run([*prefix, *args], cwd=base, capture_output=True, text=True, timeout=timeout)
+
+    started = False
+    try:
+        sock.mkdir()
+        if pw is not None:
+            os.chown(sock, pw.pw_uid, pw.pw_gid)
+        try:
+            r = pg(bins["initdb"], "-D", str(data), "-U", PG_USER, "--auth=trust", "--no-locale",
+                   "-E", "UTF8", "--no-sync", timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f"initdb could not run: {e}")
+        if r.returncode != 0:
+            pytest.skip(f"initdb failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-400:]}")
+        with open(data / "postgresql.conf", "a") as f:  # appending keeps the owner (postgres)
+            f.write(f"\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{sock}'\n"
+                    "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
+        up, reason = False, ""
+        for _attempt in range(3):  # another process may take the free port before the server binds it
+            port = _free_port()
+            started = True  # from here on, stop the server on the way out whatever happens
+            try:
+                r = pg(bins["pg_ctl"], "-D", str(data), "-l", str(log), "-o", f"-p {port}", "-w",
+                       "-t", str(PG_START_TIMEOUT_S), "start", timeout=PG_START_TIMEOUT_S + 10)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                reason = f"pg_ctl start did not finish: {e}; server log: {_tail(log)}"
+                break
+            if r.returncode == 0:
+                up = True
+                break
+            reason = f"pg_ctl start failed (exit {r.returncode}); server log: {_tail(log)}"
+            if "already in use" not in _tail(log, 20):
+                break
+        if not up:
+            pytest.skip(f"PostgreSQL server did not start (waited up to {PG_START_TIMEOUT_S} s): {reason}")
+        admin = create_engine(f"postgresql+pg8000://{PG_USER}@127.0.0.1:{port}/postgres",
+                              isolation_level="AUTOCOMMIT")
+        deadline = time.monotonic() + PG_START_TIMEOUT_S
+        while True:
+            try:
+                with admin.connect() as c:
+                    c.execute(text("SELECT 1"))
+                break
+            except Exception as e:  # noqa: BLE001 - any connection failure is a setup problem
+                if time.monotonic() > deadline:
+                    admin.dispose()
+                    pytest.skip(f"PostgreSQL server on 127.0.0.1:{port} does not accept TCP "
+                                f"connections: {e}")
+                time.sleep(0.2)
+        try:
+            yield PgServer(port, admin)
+        finally:
+            admin.dispose()
+    finally:
+        if started:
+            for mode in ("fast", "immediate"):
+                try:
+                    if pg(bins["pg_ctl"], "-D", str(data), "-m", mode, "-w", "-t", "20", "stop",
+                          timeout=30).returncode == 0:
+                        break
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+        if remove_base:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture()
-def reg(tmp_path):
-    return Registry(f"sqlite:///{tmp_path}/r.db")
+def pg_url(pg_server):
+    """A fresh, empty database on the throwaway server for one test; dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with pg_server.admin.connect() as c:
+        c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    yield pg_server.url(name)
+    with pg_server.admin.connect() as c:  # FORCE: registries of the test may still hold connections
+        c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    """The URL of a new, empty registry on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/r.db"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture()
+def reg(url):
+    return Registry(url)
+
+
+def _backend(url: str) -> str:
+    return url.split(":", 1)[0].split("+", 1)[0]
+
+
+# -- backend-independent behaviour: SQLite and PostgreSQL ----------------------------------
 def test_round_trip(reg):
     rid = reg.create_run("bcl-d", "split1", 10, 2000, {"lr": 0.5, "batch_size": 512}, tags=["paper"],
                          device="cpu", versions={"torch": "x"}, git_rev="abc")
@@ -36,6 +206,166 @@ def test_round_trip(reg):
     assert reg.list_runs() == [] and reg.epochs(rid) == []
 
 
+# floats that a lossy text or single-precision round trip would change
+EXACT_FLOATS = [0.1 + 0.2, 1 / 3, math.pi, 1e-300, 5e-324, 1.7976931348623157e308, -2.5,
+                123456789.12345678, 0.0, 1e100]
+
+
+def test_values_read_back_exactly(reg):
+    config = {"lr": 0.1 + 0.2, "nested": {"list": [1, 2.5, None, True, False, "x"], "empty": {}},
+              "text": "α→β ✓ \"q\" 'a' \\ /", "big": 2**53 + 1, "tiny": -1e-7, "none": None}
+    before = utcnow()
+    rid = reg.create_run("simclr", "split1", 7, 300, config, tags=["t1", "t2"], device="cuda:0",
+                         versions={"torch": "2.5.1", "python": "3.12"}, git_rev="0123abcd")
+    after = utcnow()
+    started = datetime(2026, 3, 4, 5, 6, 7, 123456)
+    finished = started + timedelta(hours=5, microseconds=876543)
+    reg.update_run(rid, status="done", epochs_done=300, started_at=started, finished_at=finished,
+                   wall_time_s=EXACT_FLOATS[0], error="line 1\nline 2")
+    run = reg.get_run(rid)
+    assert run["config"] == config and run["versions"] == {"torch": "2.5.1", "python": "3.12"}
+    assert run["tags"] == ["t1", "t2"] and run["device"] == "cuda:0" and run["git_rev"] == "0123abcd"
+    assert (run["method"], run["split"], run["seed"], run["epochs"]) == ("simclr", "split1", 7, 300)
+    assert run["status"] == "done" and run["epochs_done"] == 300 and run["error"] == "line 1\nline 2"
+    assert run["started_at"] == started and run["finished_at"] == finished
+    assert run["started_at"].tzinfo is None and run["finished_at"].microsecond == 999999
+    assert isinstance(run["created_at"], datetime) and before <= run["created_at"] <= after
+    assert run["wall_time_s"] == EXACT_FLOATS[0]
+
+    cols = ["loss", "lr", "images_per_s", "epoch_time_s", "weight_mean", "weight_q10", "weight_q25",
+            "weight_q50", "weight_q75", "weight_q90"]
+    for epoch in (2, 1):  # logged out of order, read back by epoch
+        reg.log_epoch(rid, epoch, **dict(zip(cols, EXACT_FLOATS)), knn_top1=epoch / 3,
+                      knn={"k": 200, "top5": [0.1 + 0.2]})
+    eps = reg.epochs(rid)
+    assert [e["epoch"] for e in eps] == [1, 2]
+    for e in eps:
+        assert {c: e[c] for c in cols} == dict(zip(cols, EXACT_FLOATS))
+        assert e["extra"] == {"knn_top1": e["epoch"] / 3, "knn": {"k": 200, "top5": [0.1 + 0.2]}}
+    reg.log_epoch(rid, 3)  # every metric is optional
+    assert {c: reg.epochs(rid)[-1][c] for c in cols} == dict.fromkeys(cols)
+    assert reg.epoch_frame([rid])["loss"].tolist()[:2] == [EXACT_FLOATS[0]] * 2
+
+    per_class = [i / 7 for i in range(100)]
+    reg.log_probe(rid, "full", 0, 1 / 3, top5=math.pi, many=1e-300, medium=0.0, few=-2.5, std=0.1 + 0.2,
+                  per_class=per_class, config={"probe_epochs": 100, "lr": 0.1})
+    for subset in (2, 1):
+        reg.log_probe(rid, "50", subset, 40.0 + subset)
+    reg.log_probe(rid, "100", 1, 45.0)
+    probes = reg.probes(rid)
+    assert [(p["kind"], p["subset"], p["top1"]) for p in probes] == [
+        ("100", 1, 45.0), ("50", 1, 41.0), ("50", 2, 42.0), ("full", 0, 1 / 3)]
+    full = probes[-1]
+    assert (full["top5"], full["many"], full["medium"], full["few"], full["std"]) == (
+        math.pi, 1e-300, 0.0, -2.5, 0.1 + 0.2)
+    assert full["per_class"] == per_class and full["config"] == {"probe_epochs": 100, "lr": 0.1}
+    assert isinstance(full["created_at"], datetime)
+    assert probes[0]["per_class"] == [] and probes[0]["top5"] is None
+
+    reg.add_artifact(rid, "checkpoint", "/ckpt/e1.pt", "ab" * 32, epoch=1)
+    reg.add_artifact(rid, "plot", Path("/plots/loss.png"))
+    reg.add_artifact(rid, "checkpoint", "/ckpt/e2.pt", "cd" * 32, epoch=2)
+    arts = reg.artifacts(rid)
+    assert [(a["kind"], a["path"], a["sha256"], a["epoch"]) for a in arts] == [
+        ("checkpoint", "/ckpt/e1.pt", "ab" * 32, 1), ("plot", "/plots/loss.png", None, None),
+        ("checkpoint", "/ckpt/e2.pt", "cd" * 32, 2)]
+    assert all(isinstance(a["created_at"], datetime) and a["run_id"] == rid for a in arts)
+    assert [a["path"] for a in reg.artifacts(rid, "checkpoint")] == ["/ckpt/e1.pt", "/ckpt/e2.pt"]
+    assert reg.latest_checkpoint(rid)["path"] == "/ckpt/e2.pt"
+    assert reg.artifacts(rid, "nothing") == [] and reg.latest_checkpoint(rid + 1) is None
+
+
+def test_non_finite_values_in_json_are_stored_as_null(reg):
+    """A per-class accuracy is NaN for a class the test labels lack: stored as null on every
+    backend (PostgreSQL's json rejects NaN), the finite values untouched."""
+    rid = reg.create_run("simclr", "split1", 10, 1, {"lr": float("inf"), "ok": [1.5, float("-inf")]})
+    per_class = [0.5, float("nan"), 1 / 3]
+    reg.log_probe(rid, "full", 0, 50.0, per_class=per_class, config={"note": float("nan")})
+    reg.log_epoch(rid, 1, loss=1.0, knn={"top1": float("nan")})
+    assert reg.get_run(rid)["config"] == {"lr": None, "ok": [1.5, None]}
+    probe = reg.probes(rid)[0]
+    assert probe["per_class"] == [0.5, None, 1 / 3] and probe["config"] == {"note": None}
+    assert reg.epochs(rid)[0]["extra"] == {"knn": {"top1": None}}
+
+
+def test_json_output_is_strict():
+    from harness.registry import to_json
+
+    out = to_json({"loss": float("nan"), "at": datetime(2026, 1, 2, 3, 4, 5), "per_class": [1.0, float("inf")]})
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON token {c}")) == {
+        "loss": None, "at": "2026-01-02T03:04:05", "per_class": [1.0, None]}
+
+
+def test_list_and_filter(reg):
+    a = reg.create_run("simclr", "split1", 1, 100, {}, tags=["paper", "a"], status="done")
+    b = reg.create_run("simclr", "split2", 2, 200, {}, tags=["b"])
+    c = reg.create_run("bcl-d", "split1", 1, 200, {}, tags=["paper"], status="failed")
+
+    def ids(**filters):
+        return [r["id"] for r in reg.list_runs(**filters)]
+
+    assert a < b < c and ids() == [a, b, c]
+    assert ids(method="simclr") == [a, b] and ids(method="bcl-d") == [c] and ids(method="byol") == []
+    assert ids(split="split1") == [a, c] and ids(seed=1) == [a, c] and ids(epochs=200) == [b, c]
+    assert ids(status="done") == [a] and ids(status="pending") == [b] and ids(status="running") == []
+    assert ids(tag="paper") == [a, c] and ids(tag="pap") == [] and ids(tag="b") == [b]
+    assert ids(method="simclr", split="split1") == [a] and ids(method="simclr", tag="paper") == [a]
+    assert ids(split="split1", seed=1, epochs=200, status="failed") == [c]
+    reg.update_run(b, status="running")
+    assert ids(status="running") == [b]
+    frame = reg.runs_frame(split="split1")
+    assert frame["id"].tolist() == [a, c] and frame["method"].tolist() == ["simclr", "bcl-d"]
+    reg.log_probe(a, "full", 0, 50.0)
+    reg.log_probe(c, "full", 0, 60.0)
+    assert reg.probe_frame(tag="paper")["top1"].tolist() == [50.0, 60.0]
+    assert reg.probe_frame(method="byol").empty
+
+
+def test_delete_run_removes_its_rows(reg):
+    rids = [reg.create_run("simclr", "split1", s, 10, {"seed": s}) for s in (1, 2)]
+    for rid in rids:
+        for e in (1, 2, 3):
+            reg.log_epoch(rid, e, loss=1.0 / e, knn_top1=float(e))
+        reg.log_probe(rid, "full", 0, 50.0)
+        reg.log_probe(rid, "50", 1, 40.0)
+        reg.add_artifact(rid, "checkpoint", f"/ckpt/{rid}.pt", epoch=3)
+    gone, kept = rids
+    reg.delete_run(gone)
+    assert [r["id"] for r in reg.list_runs()] == [kept]
+    assert reg.epochs(gone) == [] and reg.probes(gone) == [] and reg.artifacts(gone) == []
+    with reg.engine.connect() as c:  # no orphans left behind in any table
+        for table in ("epoch_metrics", "probe_metrics", "artifacts"):
+            n = c.execute(text(f"SELECT count(*) FROM {table} WHERE run_id = :r"), {"r": gone}).scalar_one()
+            assert n == 0, table
+    assert len(reg.epochs(kept)) == 3 and len(reg.probes(kept)) == 2 and len(reg.artifacts(kept)) == 1
+    assert reg.get_run(kept)["config"] == {"seed": 2}
+    with pytest.raises(RegistryError, match=f"no run with id {gone}"):
+        reg.delete_run(gone)
+
+
+def test_two_registries_see_each_other(url):
+    a = Registry(url)
+    b = Registry(url)  # opens the schema that `a` created
+    assert b.schema_version() == SCHEMA_VERSION
+    rid = a.create_run("simclr", "split1", 1, 10, {"lr": 0.3}, tags=["x"])
+    assert b.get_run(rid)["config"] == {"lr": 0.3} and b.list_runs(tag="x")[0]["id"] == rid
+    b.log_epoch(rid, 1, loss=2.25)
+    b.update_run(rid, status="running", epochs_done=1)
+    assert a.epochs(rid)[0]["loss"] == 2.25
+    assert a.get_run(rid)["status"] == "running" and a.get_run(rid)["epochs_done"] == 1
+    a.log_probe(rid, "full", 0, 51.0)
+    b.log_probe(rid, "full", 0, 52.0)  # replaces a's score
+    assert [p["top1"] for p in a.probes(rid)] == [52.0]
+    b.add_artifact(rid, "checkpoint", "/ckpt/1.pt", epoch=1)
+    assert a.latest_checkpoint(rid)["path"] == "/ckpt/1.pt"
+    rid2 = b.create_run("bcl-d", "split2", 2, 10, {})
+    assert [r["id"] for r in a.list_runs()] == [rid, rid2]
+    a.delete_run(rid)
+    assert [r["id"] for r in b.list_runs()] == [rid2] and b.epochs(rid) == []
+    with pytest.raises(RegistryError, match=f"no run with id {rid}"):
+        b.get_run(rid)
+
+
 def test_bad_status_and_unknown_run(reg):
     rid = reg.create_run("simclr", "split1", 10, 1, {})
     with pytest.raises(ValueError, match="unknown run status"):
@@ -52,8 +382,7 @@ def _writer(url, worker, n):
         r.update_run(rid, epochs_done=e)
 
 
-def test_two_processes_write_at_once(tmp_path):
-    url = f"sqlite:///{tmp_path}/r.db"
+def test_two_processes_write_at_once(url):
     Registry(url)  # create the schema first, as the run matrix does
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(url, w, 40)) for w in (1, 2)]
@@ -68,6 +397,64 @@ def test_two_processes_write_at_once(tmp_path):
     assert all(len(r.epochs(x["id"])) == 40 for x in runs)
 
 
+def test_foreign_database_is_refused(url):
+    engine = create_engine(url)
+    with engine.begin() as c:
+        c.exec_driver_sql("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)")
+    engine.dispose()
+    with pytest.raises(RegistryError, match="not a harness registry"):
+        Registry(url)
+
+
+def test_migrates_schema_version_1(url):
+    """A database written by schema 1 (runs had no `error` column) is upgraded in place."""
+    pg = _backend(url) == "postgresql"
+    serial, stamp = ("SERIAL PRIMARY KEY", "TIMESTAMP") if pg else ("INTEGER PRIMARY KEY", "DATETIME")
+    engine = create_engine(url)
+    with engine.begin() as c:
+        for stmt in (
+            "CREATE TABLE schema_info (id INTEGER PRIMARY KEY, version INTEGER)",
+            "INSERT INTO schema_info VALUES (1, 1)",
+            f"""CREATE TABLE runs (id {serial}, method VARCHAR(32), split VARCHAR(64), seed INTEGER,
+                epochs INTEGER, epochs_done INTEGER, status VARCHAR(16), config JSON, tags VARCHAR(256),
+                device VARCHAR(128), versions JSON, git_rev VARCHAR(64), created_at {stamp},
+                started_at {stamp}, finished_at {stamp}, wall_time_s FLOAT)""",
+            """INSERT INTO runs (method, split, seed, epochs, epochs_done, status, config, tags, device,
+                versions, git_rev, created_at, started_at, finished_at, wall_time_s)
+                VALUES ('simclr', 'split1', 10, 2000, 2000, 'done', '{"lr": 0.5}', 'paper', 'cuda',
+                '{}', NULL, '2026-01-01 00:00:00', NULL, NULL, 3.0)""",
+        ):
+            c.exec_driver_sql(stmt)
+    engine.dispose()
+    r = Registry(url)
+    assert r.schema_version() == SCHEMA_VERSION
+    run = r.get_run(1)
+    assert run["method"] == "simclr" and run["error"] is None and run["config"] == {"lr": 0.5}
+    assert run["created_at"] == datetime(2026, 1, 1) and run["tags"] == ["paper"]
+    r.update_run(1, error="boom")
+    assert r.get_run(1)["error"] == "boom"
+    r.log_probe(1, "full", 0, 50.0)  # tables of later versions exist too
+    assert r.create_run("simclr", "split2", 1, 10, {}) == 2  # ids continue after the old rows
+    assert Registry(url).schema_version() == SCHEMA_VERSION  # opening again migrates nothing
+
+
+def test_newer_schema_is_refused(url):
+    r = Registry(url)
+    with r.engine.begin() as c:
+        c.exec_driver_sql("UPDATE schema_info SET version = 99")
+    with pytest.raises(RegistryError, match="newer than this harness"):
+        Registry(url)
+
+
+def test_env_var_selects_registry(url, tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_REGISTRY", url)
+    r = Registry()
+    assert r.url == url and r.schema_version() == SCHEMA_VERSION
+    if _backend(url) == "sqlite":
+        assert (tmp_path / "r.db").exists()
+
+
+# -- URLs and files ------------------------------------------------------------------------
 def test_malformed_url():
     with pytest.raises(RegistryError, match="malformed registry URL"):
         Registry("not a url")
@@ -89,50 +476,3 @@ def test_unwritable_sqlite_path(tmp_path):
     blocker.write_text("x")
     with pytest.raises(RegistryError):
         Registry(f"sqlite:///{blocker}/sub/r.db")
-
-
-def test_foreign_database_is_refused(tmp_path):
-    con = sqlite3.connect(tmp_path / "other.db")
-    con.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)")
-    con.commit()
-    con.close()
-    with pytest.raises(RegistryError, match="not a harness registry"):
-        Registry(f"sqlite:///{tmp_path}/other.db")
-
-
-def test_migrates_schema_version_1(tmp_path):
-    """A file written by schema 1 (runs had no `error` column) is upgraded in place."""
-    path = tmp_path / "v1.db"
-    con = sqlite3.connect(path)
-    con.executescript("""
-        CREATE TABLE schema_info (id INTEGER PRIMARY KEY, version INTEGER);
-        INSERT INTO schema_info VALUES (1, 1);
-        CREATE TABLE runs (id INTEGER PRIMARY KEY, method VARCHAR(32), split VARCHAR(64), seed INTEGER,
-            epochs INTEGER, epochs_done INTEGER, status VARCHAR(16), config JSON, tags VARCHAR(256),
-            device VARCHAR(128), versions JSON, git_rev VARCHAR(64), created_at DATETIME,
-            started_at DATETIME, finished_at DATETIME, wall_time_s FLOAT);
-        INSERT INTO runs VALUES (1, 'simclr', 'split1', 10, 2000, 2000, 'done', '{}', '', 'cuda', '{}',
-            NULL, '2026-01-01 00:00:00', NULL, NULL, 3.0);
-    """)
-    con.commit()
-    con.close()
-    r = Registry(f"sqlite:///{path}")
-    assert r.schema_version() == SCHEMA_VERSION
-    run = r.get_run(1)
-    assert run["method"] == "simclr" and run["error"] is None
-    r.update_run(1, error="boom")
-    assert r.get_run(1)["error"] == "boom"
-    r.log_probe(1, "full", 0, 50.0)  # tables of later versions exist too
-
-
-def test_newer_schema_is_refused(tmp_path):
-    r = Registry(f"sqlite:///{tmp_path}/r.db")
-    with r.engine.begin() as c:
-        c.exec_driver_sql("UPDATE schema_info SET version = 99")
-    with pytest.raises(RegistryError, match="newer than this harness"):
-        Registry(f"sqlite:///{tmp_path}/r.db")
-
-
-def test_env_var_selects_registry(tmp_path, monkeypatch):
-    monkeypatch.setenv("HARNESS_REGISTRY", f"sqlite:///{tmp_path}/env.db")
-    assert Registry().url.endswith("env.db") and (tmp_path / "env.db").exists()
