@@ -748,7 +748,6 @@ RANDAUG_OPS: tuple[tuple[str, float, float], ...] = (
     ("Cutout", 0.0, 0.4),
 )
 OP_INDEX = {name: i for i, (name, _, _) in enumerate(RANDAUG_OPS)}
-_SIGNED = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")  # random sign, p = .5
 
 # The reference draws the Cutout centre with np.random.uniform(w), i.e. low = w,
 # high = 1: uniform on (1, w], not [0, w). Kept, to reproduce its distribution.
@@ -769,7 +768,8 @@ _AFFINE_SLOT = (1, 3, 2, 5) + (-1,) * (len(RANDAUG_OPS) - 4)
 
 def op_values(op: torch.Tensor, magnitude: torch.Tensor, negate: torch.Tensor) -> torch.Tensor:
     """``op_value`` of every sample's own op at once (any shape), sign-flipped where ``negate``
-    for the five signed (geometric) ops: the same float64 operations as ``op_value``."""
+    for the signed ops, the five geometric ones (ShearX ... Rotate, listed first): the same
+    float64 operations as ``op_value``."""
     span, low = _const(_SPAN, F64, op.device)[op], _const(_LOW, F64, op.device)[op]
     v = _div(magnitude.to(F64), 30.0) * span + low
     return torch.where(negate & (op <= OP_INDEX["Rotate"]), -v, v)
