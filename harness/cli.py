@@ -36,6 +36,9 @@ RegistryOpt = Annotated[Optional[str], typer.Option(
 DataRootOpt = Annotated[Path, typer.Option("--root", help="Folder that holds (or will hold) cifar-100-python/.")]
 SplitsRootOpt = Annotated[Optional[Path], typer.Option(
     "--splits-root", help=f"Folder of the paper's split files (default: ${splits_mod.ENV_VAR} or splits/paper).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.")]
+DataFolderOpt = Annotated[Path, typer.Option("--data-root", help="Dataset folder.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the network (forward and backward).")]
 CompileModeOpt = Annotated[str, typer.Option(help="torch.compile mode with --compile: default, reduce-overhead "
                                              "(CUDA graphs), max-autotune, max-autotune-no-cudagraphs.")]
@@ -322,8 +325,8 @@ def train_command(
     warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear warm-up epochs (paper: 10).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for init, data order and augmentation (paper: 10).")]
     = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.")] = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     compile: CompileOpt = False,
     compile_mode: CompileModeOpt = "default",
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N epochs (and at the end).")] = 50,
@@ -331,7 +334,7 @@ def train_command(
     resume: Annotated[Optional[int], typer.Option(help="Continue run ID exactly where its checkpoint stopped.")]
     = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="Tag the run (repeatable).")] = None,
-    data_root: Annotated[Path, typer.Option(help="Dataset folder.")] = data_mod.DEFAULT_ROOT,
+    data_root: DataFolderOpt = data_mod.DEFAULT_ROOT,
     splits_root: SplitsRootOpt = None,
     checkpoint_dir: Annotated[Path, typer.Option(help="Where checkpoints go (run<ID>/last.pt).")]
     = Path("checkpoints"),
@@ -393,13 +396,13 @@ def run_command(
     devices: Annotated[Optional[str], typer.Option(help="Comma-separated devices, one cell each at a time "
                                                    "(default: every visible GPU, else cpu); list a GPU twice "
                                                    "to run two cells on it.")] = None,
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32.")] = "auto",
+    precision: PrecisionOpt = "auto",
     compile: CompileOpt = False,
     compile_mode: CompileModeOpt = "default",
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N epochs.")] = 50,
     tag: Annotated[Optional[list[str]], typer.Option(help="Tag every run (repeatable).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would run, and do nothing.")] = False,
-    data_root: Annotated[Path, typer.Option(help="Dataset folder.")] = data_mod.DEFAULT_ROOT,
+    data_root: DataFolderOpt = data_mod.DEFAULT_ROOT,
     splits_root: SplitsRootOpt = None,
     checkpoint_dir: Annotated[Path, typer.Option(help="Where checkpoints go.")] = Path("checkpoints"),
     registry: RegistryOpt = None,
@@ -449,10 +452,10 @@ def run_command(
 def bench_command(
     methods: Annotated[str, typer.Option(help="Comma-separated methods to time.")] = "simclr,sdclr,bcl-i,bcl-d",
     split: Annotated[str, typer.Option(help="Pretraining split to time on.")] = "1",
-    data_root: Annotated[Path, typer.Option(help="Dataset folder.")] = data_mod.DEFAULT_ROOT,
+    data_root: DataFolderOpt = data_mod.DEFAULT_ROOT,
     splits_root: SplitsRootOpt = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32.")] = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     compile: CompileOpt = False,
     compile_mode: CompileModeOpt = "default",
     batch_size: Annotated[int, typer.Option(help="Pretraining batch size (paper: 512).")] = 512,

@@ -388,7 +388,9 @@ class Trainer:
                     views.record_stream(main)
                 return views
             self.aug_gen.set_state(self.pending_aug_state)  # made for another step: undo its draws
-        batch = self._batch(perm, step)
+        return self._augment(self._batch(perm, step))
+
+    def _augment(self, batch: torch.Tensor) -> torch.Tensor:
         return self.method.step_views(self.images[batch], batch, self.epoch, self.aug_gen)
 
     def _prefetch_views(self, perm: torch.Tensor, step: int) -> None:
@@ -396,11 +398,11 @@ class Trainer:
         self.pending_aug_state = self.aug_gen.get_state()
         batch = self._batch(perm, step)
         if self.aug_stream is None:
-            views, ready = self.method.step_views(self.images[batch], batch, self.epoch, self.aug_gen), None
+            views, ready = self._augment(batch), None
         else:
             self.aug_stream.wait_stream(torch.cuda.current_stream(self.device))  # perm and w are written
             with torch.cuda.stream(self.aug_stream):
-                views = self.method.step_views(self.images[batch], batch, self.epoch, self.aug_gen)
+                views = self._augment(batch)
                 ready = torch.cuda.Event()
                 ready.record(self.aug_stream)
         self.pending = (self.epoch, step, views, ready)

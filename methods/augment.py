@@ -755,9 +755,9 @@ CUTOUT_CENTRE_REFERENCE_QUIRK = True
 
 
 def op_value(name: str, magnitude: torch.Tensor) -> torch.Tensor:
-    """v = m / 30 * (max - min) + min in float64, in the reference's operation order."""
-    _, lo, hi = RANDAUG_OPS[OP_INDEX[name]]
-    return _div(magnitude.to(F64), 30.0) * float(hi - lo) + lo
+    """v = m / 30 * (max - min) + min in float64, in the reference's operation order (unsigned)."""
+    op = torch.full(magnitude.shape, OP_INDEX[name], dtype=torch.int64, device=magnitude.device)
+    return op_values(op, magnitude, torch.zeros(magnitude.shape, dtype=torch.bool, device=magnitude.device))
 
 
 _SPAN = tuple(float(hi - lo) for _, lo, hi in RANDAUG_OPS)
@@ -767,9 +767,9 @@ _AFFINE_SLOT = (1, 3, 2, 5) + (-1,) * (len(RANDAUG_OPS) - 4)
 
 
 def op_values(op: torch.Tensor, magnitude: torch.Tensor, negate: torch.Tensor) -> torch.Tensor:
-    """``op_value`` of every sample's own op at once (any shape), sign-flipped where ``negate``
-    for the signed ops, the five geometric ones (ShearX ... Rotate, listed first): the same
-    float64 operations as ``op_value``."""
+    """v = m / 30 * (max - min) + min of every sample's own op (any shape; float64, in the
+    reference's operation order), sign-flipped where ``negate`` for the signed ops, the five
+    geometric ones (ShearX ... Rotate, listed first)."""
     span, low = _const(_SPAN, F64, op.device)[op], _const(_LOW, F64, op.device)[op]
     v = _div(magnitude.to(F64), 30.0) * span + low
     return torch.where(negate & (op <= OP_INDEX["Rotate"]), -v, v)
