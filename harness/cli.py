@@ -1,22 +1,43 @@
 """`harness`: the command line. Data -> splits -> train -> eval -> registry -> report.
 
-Every command prints a one-line `error: ...` and exits 1 on bad input.
+Every command prints a one-line `error: ...` and exits non-zero on bad input: the top-level
+group (`HarnessGroup`) is the one place that turns a `HarnessError` (and the OS and database
+errors a user can act on) into that line; anything else is a bug and shows its traceback.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
+import click
 import numpy as np
 import typer
+from typer.core import TyperGroup
 
 from harness import data as data_mod
 from harness import splits as splits_mod
-from harness.registry import ENV_VAR as REGISTRY_ENV, Registry, RegistryError, to_json
+from harness.errors import HarnessError, user_message
+from harness.registry import ENV_VAR as REGISTRY_ENV, Registry, to_json
 
-app = typer.Typer(
+
+class HarnessGroup(TyperGroup):
+    """Runs every subcommand inside one handler for user-fixable errors (see harness/errors.py)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:
+            msg = user_message(e)
+            if msg is None:
+                raise
+            click.echo(f"error: {msg}", err=True)
+            ctx.exit(getattr(e, "exit_code", 1))
+
+
+app = typer.Typer(cls=HarnessGroup, 
     help="Benchmark harness for self-supervised learning on long-tailed data: SimCLR, SDCLR, "
          "BCL-I and BCL-D on CIFAR-100-LT, linear probes, a result registry and the paper's tables.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -27,8 +48,6 @@ runs_app = typer.Typer(help="Browse the result registry: list, show and delete r
 app.add_typer(data_app, name="data")
 app.add_typer(splits_app, name="splits")
 app.add_typer(runs_app, name="runs")
-
-KNOWN_ERRORS = (data_mod.DataError, splits_mod.SplitError, RegistryError, FileNotFoundError, ValueError)
 
 RegistryOpt = Annotated[Optional[str], typer.Option(
     "--registry", help=f"SQLAlchemy URL of the result registry (default: ${REGISTRY_ENV} or "
@@ -45,25 +64,13 @@ CompileModeOpt = Annotated[str, typer.Option(help="torch.compile mode with --com
 
 
 def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
-def friendly_errors(fn: Callable) -> Callable:
-    """Turn the harness's own exceptions into one-line errors and exit code 1."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KNOWN_ERRORS as e:
-            fail(str(e))
-    return wrapper
+    """Stop the command with a one-line error (printed by HarnessGroup)."""
+    raise HarnessError(message)
 
 
 # -- data ----------------------------------------------------------------------------------
 
 @data_app.command("prepare")
-@friendly_errors
 def data_prepare(
     root: DataRootOpt = data_mod.DEFAULT_ROOT,
     download: Annotated[bool, typer.Option("--download", help="Download the official archive (md5-checked).")] = False,
@@ -94,7 +101,6 @@ def data_prepare(
 
 
 @data_app.command("info")
-@friendly_errors
 def data_info(root: DataRootOpt = data_mod.DEFAULT_ROOT,
               as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Counts, content digests, and whether ROOT holds the real CIFAR-100."""
@@ -115,7 +121,6 @@ def data_info(root: DataRootOpt = data_mod.DEFAULT_ROOT,
 # -- splits ----------------------------------------------------------------------------------
 
 @splits_app.command("import")
-@friendly_errors
 def splits_import(src: Annotated[Path, typer.Argument(help="Folder holding the paper's .npy files "
                                                       "(any layout), e.g. ../shared/splits.")],
                   root: SplitsRootOpt = None) -> None:
@@ -128,7 +133,6 @@ def splits_import(src: Annotated[Path, typer.Argument(help="Folder holding the p
 
 
 @splits_app.command("fetch")
-@friendly_errors
 def splits_fetch(root: SplitsRootOpt = None) -> None:
     """Download the paper's split files (URLs in splits/manifest.json) and verify them."""
     splits_mod.fetch(root)
@@ -136,7 +140,6 @@ def splits_fetch(root: SplitsRootOpt = None) -> None:
 
 
 @splits_app.command("verify")
-@friendly_errors
 def splits_verify(root: SplitsRootOpt = None) -> None:
     """Check the present paper split files against the manifest; exit 1 on any mismatch."""
     status = splits_mod.verify(root)
@@ -150,7 +153,6 @@ def splits_verify(root: SplitsRootOpt = None) -> None:
 
 
 @splits_app.command("show")
-@friendly_errors
 def splits_show(name: Annotated[str, typer.Argument(help="Split name (see splits/manifest.json) or a .npy path.")],
                 data_root: Annotated[Path, typer.Option("--data-root", help="Dataset folder for the labels.")]
                 = data_mod.DEFAULT_ROOT,
@@ -174,7 +176,6 @@ def splits_show(name: Annotated[str, typer.Argument(help="Split name (see splits
 
 
 @splits_app.command("make")
-@friendly_errors
 def splits_make(
     name: Annotated[str, typer.Argument(help="Name of the new pretraining split; its probe lists are "
                                         "NAME_full and NAME_<k>shot_<1..subsets>.")],
@@ -248,7 +249,6 @@ def _cell(v) -> str:
 
 
 @runs_app.command("list")
-@friendly_errors
 def runs_list(
     method: Annotated[Optional[str], typer.Option(help="Only this method.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Only this pretraining split.")] = None,
@@ -268,7 +268,6 @@ def runs_list(
 
 
 @runs_app.command("show")
-@friendly_errors
 def runs_show(run_id: Annotated[int, typer.Argument(help="Run id (see `harness runs list`).")],
               as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
               registry: RegistryOpt = None) -> None:
@@ -296,7 +295,6 @@ def runs_show(run_id: Annotated[int, typer.Argument(help="Run id (see `harness r
 
 
 @runs_app.command("delete")
-@friendly_errors
 def runs_delete(run_id: Annotated[int, typer.Argument(help="Run id to delete with all its metrics.")],
                 yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
                 registry: RegistryOpt = None) -> None:
@@ -312,7 +310,6 @@ def runs_delete(run_id: Annotated[int, typer.Argument(help="Run id to delete wit
 # -- train -----------------------------------------------------------------------------------
 
 @app.command("train")
-@friendly_errors
 def train_command(
     method: Annotated[str, typer.Argument(help="simclr, sdclr, bcl-i or bcl-d.")],
     split: Annotated[str, typer.Option("--split", help="Pretraining split: 1-5 (the paper's), a generated "
@@ -347,19 +344,16 @@ def train_command(
     and checkpoints go to the registry. Ctrl-C saves a checkpoint and marks the
     run interrupted; --resume ID continues it exactly.
     """
-    from harness.train import TrainError, make_config, train
+    from harness.train import make_config, train
 
-    try:
-        cfg = make_config(method, split, epochs=epochs, batch_size=batch_size, lr=lr,
-                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, device=device,
-                          precision=precision, compile=compile, compile_mode=compile_mode,
-                          checkpoint_every=checkpoint_every,
-                          monitor_every=monitor_every, tags=tag or [], data_root=str(data_root),
-                          splits_root=str(splits_root) if splits_root else None,
-                          checkpoint_dir=str(checkpoint_dir))
-        result = train(cfg, open_registry(registry), resume=resume, progress=progress)
-    except TrainError as e:
-        fail(str(e))
+    cfg = make_config(method, split, epochs=epochs, batch_size=batch_size, lr=lr,
+                      weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, device=device,
+                      precision=precision, compile=compile, compile_mode=compile_mode,
+                      checkpoint_every=checkpoint_every,
+                      monitor_every=monitor_every, tags=tag or [], data_root=str(data_root),
+                      splits_root=str(splits_root) if splits_root else None,
+                      checkpoint_dir=str(checkpoint_dir))
+    result = train(cfg, open_registry(registry), resume=resume, progress=progress)
     typer.echo(f"run {result['run_id']}: {result['status']} after {result['epochs_done']} epochs; "
                f"checkpoint {result['checkpoint']}")
     if result["status"] == "interrupted":
@@ -381,7 +375,6 @@ app.command("report")(report_command)
 # -- the run matrix ----------------------------------------------------------------------------
 
 @app.command("run")
-@friendly_errors
 def run_command(
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "simclr,sdclr,bcl-i,bcl-d",
     splits: Annotated[str, typer.Option(help="Pretraining splits: '1-5', '1,3', or generated split names.")] = "1-5",
@@ -448,7 +441,6 @@ def run_command(
 # -- bench -----------------------------------------------------------------------------------
 
 @app.command("bench")
-@friendly_errors
 def bench_command(
     methods: Annotated[str, typer.Option(help="Comma-separated methods to time.")] = "simclr,sdclr,bcl-i,bcl-d",
     split: Annotated[str, typer.Option(help="Pretraining split to time on.")] = "1",
@@ -477,18 +469,13 @@ def bench_command(
     device it runs tiny settings and says so.
     """
     from harness.bench import BenchSettings, format_bench, run_bench, write_json
-    from harness.train import TrainError
-
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     s = BenchSettings(methods=names, split=split, data_root=str(data_root),
                       splits_root=str(splits_root) if splits_root else None, device=device,
                       precision=precision, compile=compile, compile_mode=compile_mode, batch_size=batch_size,
                       timed_epochs=timed_epochs, profile=profile, overlap_augment=overlap,
                       probe_epochs=probe_epochs)
-    try:
-        result = run_bench(s, log=lambda m: typer.echo(m, err=True))
-    except TrainError as e:
-        fail(str(e))
+    result = run_bench(s, log=lambda m: typer.echo(m, err=True))
     typer.echo(format_bench(result))
     if json_out:
         write_json(result, json_out)

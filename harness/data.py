@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.errors import HarnessError
+
 DEFAULT_ROOT = Path("data")
 FOLDER = "cifar-100-python"
 NUM_CLASSES = 100
@@ -30,7 +32,7 @@ OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 OFFICIAL_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 
 
-class DataError(RuntimeError):
+class DataError(HarnessError):
     """Bad or missing data; the message names the file and what is wrong."""
 
 

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Annotated, Optional, Sequence
 import numpy as np
 import typer
 
+from harness.errors import HarnessError
 from harness import data as data_mod
 from harness import splits as splits_mod
-from harness.registry import Registry, RegistryError
+from harness.registry import Registry
 
 if TYPE_CHECKING:  # annotations only; the real imports are deferred (see the module docstring)
     import torch
@@ -34,7 +35,7 @@ METHODS = ("simclr", "sdclr", "bcl-i", "bcl-d")
 SEED_OFFSET = {"full": 0, "100": 100, "50": 200}  # distinct probe seeds per (kind, subset)
 
 
-class EvalError(RuntimeError):
+class EvalError(HarnessError):
     """A checkpoint or request that cannot be evaluated; the message says why."""
 
 
@@ -328,15 +329,16 @@ def eval_command(
     --checkpoint FILE probes a bare file and records it as a run tagged
     'external'.
     """
-    from harness.cli import fail  # the CLI's one-line error; imported here, cli imports this module
     from harness.reference import ReferenceFormatError
 
-    if (run_id is None) == (checkpoint is None):
-        fail("give either RUN_ID or --checkpoint FILE (not both)")
+    if run_id is None and checkpoint is None:
+        raise EvalError("say what to evaluate: a RUN_ID (see `harness runs list`) or --checkpoint FILE")
+    if run_id is not None and checkpoint is not None:
+        raise EvalError("give a RUN_ID or --checkpoint FILE, not both")
     if fmt not in FORMATS:
-        fail(f"unknown --format {fmt!r}; one of {', '.join(FORMATS)}")
+        raise EvalError(f"unknown --format {fmt!r}; one of {', '.join(FORMATS)}")
     if method is not None and method not in METHODS:
-        fail(f"unknown --method {method!r}; one of {', '.join(METHODS)}")
+        raise EvalError(f"unknown --method {method!r}; one of {', '.join(METHODS)}")
     try:
         reg = Registry(registry)
         if run_id is not None:
@@ -345,6 +347,6 @@ def eval_command(
         else:
             out = evaluate_checkpoint(reg, checkpoint, data_root, splits_root, fmt, method, split,
                                       parse_shots(shots), epochs, device, seed, bf16, probe_family=probe_family)
-    except (EvalError, ReferenceFormatError, data_mod.DataError, splits_mod.SplitError, RegistryError) as e:
-        fail(str(e))
+    except ReferenceFormatError as e:
+        raise EvalError(str(e)) from None
     typer.echo(format_results(out))

@@ -15,9 +15,14 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.errors import HarnessError
 from harness.registry import Registry
 
 RESUMABLE = ("interrupted", "failed", "running")
+
+
+class MatrixError(HarnessError, ValueError):
+    """Bad matrix settings (splits, seeds, methods); the message says what to write instead."""
 
 
 @dataclass(frozen=True)
@@ -64,12 +69,12 @@ def parse_splits(text: str) -> tuple[str, ...]:
         if "-" in part and all(x.isdigit() for x in part.split("-", 1)):
             lo, hi = (int(x) for x in part.split("-", 1))
             if lo > hi:
-                raise ValueError(f"split range {part!r} is empty")
+                raise MatrixError(f"split range {part!r} is empty")
             out += [f"split{k}" for k in range(lo, hi + 1)]
         else:
             out.append(f"split{part}" if part.isdigit() else part)
     if not out:
-        raise ValueError("no splits given")
+        raise MatrixError("no splits given")
     return tuple(out)
 
 
@@ -77,9 +82,9 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise MatrixError(f"{what} must be comma-separated integers, got {text!r}") from None
     if not vals:
-        raise ValueError(f"no {what} given")
+        raise MatrixError(f"no {what} given")
     return vals
 
 

@@ -22,6 +22,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
+from harness.errors import HarnessError
+
 if TYPE_CHECKING:  # the *_frame methods import pandas when called: the CLI starts faster without it
     import pandas as pd
 
@@ -32,7 +34,7 @@ RUN_STATUSES = ("pending", "running", "done", "failed", "interrupted")
 PROBE_KINDS = ("full", "100", "50")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(HarnessError):
     """A registry that cannot be opened or used; the message says what to do."""
 
 

@@ -441,8 +441,11 @@ def report_command(
     Many/Medium/Few/Std/All for one shot (--shot). Only runs with status
     'done' count.
     """
-    from harness.cli import fail  # the CLI's one-line error; imported here, cli imports this module
-    from harness.registry import Registry, RegistryError
+    from harness.errors import HarnessError
+    from harness.registry import Registry
+
+    def fail(message: str) -> None:
+        raise HarnessError(message)
 
     if shot not in SHOTS:
         fail(f"unknown --shot {shot!r}; one of {', '.join(SHOTS)}")
@@ -452,20 +455,14 @@ def report_command(
     if tables is None:
         fail(f"unknown --table {table!r}; one of 1, 2, all")
     filters = dict(method=method, split=split, epochs=epochs, tag=tag)
-    try:
-        reg = Registry(registry)
-        runs, probes = reg.runs_frame(**filters), reg.probe_frame(**filters)
-    except RegistryError as e:
-        fail(str(e))
+    reg = Registry(registry)
+    runs, probes = reg.runs_frame(**filters), reg.probe_frame(**filters)
     text = render_report(runs, probes, fmt, shot, tables)
     if out is None:
         typer.echo(text, nl=False)
     else:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text)
-        except OSError as e:
-            fail(f"cannot write {out}: {e}")
+        out.parent.mkdir(parents=True, exist_ok=True)  # an OSError becomes one line in the CLI
+        out.write_text(text)
         typer.echo(f"wrote {out}", err=True)
     if fmt == "csv":  # notes stay out of the machine-readable output
         for n in report_notes(runs, probes):

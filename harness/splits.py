@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.data import NUM_CLASSES, sha256_file
+from harness.errors import HarnessError
 
 PROJECT = Path(__file__).resolve().parents[1]
 MANIFEST = PROJECT / "splits" / "manifest.json"
@@ -26,7 +27,7 @@ ENV_VAR = "HARNESS_SPLITS"
 ROLES = ("pretrain", "probe-full", "probe-100", "probe-50", "val")
 
 
-class SplitError(RuntimeError):
+class SplitError(HarnessError):
     """Unknown, missing, corrupt or invalid split; the message says what to do."""
 
 

@@ -28,17 +28,18 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from harness.errors import HarnessError
 from harness.data import load_cifar100, sha256_file
 from harness.registry import Registry, utcnow
 from harness.splits import load_split
-from methods.base import MethodConfig, build_method, default_config
+from methods.base import METHODS, MethodConfig, build_method, default_config
 from methods.schedule import lr_at
 
 CHECKPOINT_FORMAT = 1
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-class TrainError(RuntimeError):
+class TrainError(HarnessError):
     """A run that cannot start or resume; the message says what to do."""
 
 
@@ -472,7 +473,10 @@ def check_compile_mode(mode: str) -> str:
 
 def make_config(method: str, split: str = "1", **overrides: Any) -> TrainConfig:
     """Paper defaults for `method`, with loop and recipe overrides by name (None = keep)."""
-    mc = default_config(method)
+    try:
+        mc = default_config(method)
+    except ValueError:
+        raise TrainError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}") from None
     method_fields = {f.name for f in dataclasses.fields(MethodConfig)}
     m_over = {k: v for k, v in overrides.items() if k in method_fields and v is not None}
     t_over = {k: v for k, v in overrides.items() if k not in method_fields and v is not None}

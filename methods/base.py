@@ -74,7 +74,7 @@ def default_config(name: str) -> MethodConfig:
     if name == "bcl-d":
         return MethodConfig(name=name, weight_decay=1e-4, bcl_k=2, bcl_min_magnitude=5.0,
                             bcl_random_magnitude=True)
-    raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
+    raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
 
 
 class Method:
@@ -156,5 +156,5 @@ def build_method(name: str, cfg: MethodConfig | None = None, num_samples: int = 
     name = name.lower()
     classes = {"simclr": SimCLR, "sdclr": SDCLR, "bcl-i": BCLI, "bcl-d": BCLD}
     if name not in classes:
-        raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
     return classes[name](cfg if cfg is not None else default_config(name), num_samples, device)

@@ -251,25 +251,22 @@ def test_evaluate_checkpoint_end_to_end(synthetic_setup):
 
 
 def test_eval_command_errors(tmp_path):
-    import typer
     from typer.testing import CliRunner
-    from harness.evaluate import eval_command
-    app = typer.Typer()
-    app.command()(eval_command)
+    from harness.cli import app
     reg = f"sqlite:///{tmp_path / 'reg.db'}"
     runner = CliRunner()
-    r = runner.invoke(app, ["--checkpoint", str(tmp_path / "missing.pt"), "--registry", reg])
+    r = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--registry", reg])
     assert r.exit_code == 1 and "not found" in r.output and len(r.output.strip().splitlines()) == 1
     bad = tmp_path / "bad.pt"
     torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(1)}}, bad)
-    r = runner.invoke(app, ["--checkpoint", str(bad), "--registry", reg])
+    r = runner.invoke(app, ["eval", "--checkpoint", str(bad), "--registry", reg])
     assert r.exit_code == 1 and "--format reference" in r.output
-    r = runner.invoke(app, ["--checkpoint", str(bad), "--format", "reference", "--registry", reg])
+    r = runner.invoke(app, ["eval", "--checkpoint", str(bad), "--format", "reference", "--registry", reg])
     assert r.exit_code == 1 and "--method" in r.output
-    r = runner.invoke(app, ["--checkpoint", str(bad), "--format", "reference", "--method", "simclr",
+    r = runner.invoke(app, ["eval", "--checkpoint", str(bad), "--format", "reference", "--method", "simclr",
                             "--registry", reg])
     assert r.exit_code == 1 and "missing" in r.output
-    r = runner.invoke(app, ["--registry", reg])
+    r = runner.invoke(app, ["eval", "--registry", reg])
     assert r.exit_code == 1 and "RUN_ID" in r.output
 
 

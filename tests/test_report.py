@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from harness.cli import app
 from harness.registry import Registry
 from harness.report import (
-    FORMATS, per_class_points, plot_per_class, render_report, report_command, run_scores, table1_frame,
+    FORMATS, per_class_points, plot_per_class, render_report, run_scores, table1_frame,
     table2_frame,
 )
 
@@ -112,27 +112,23 @@ def test_run_scores_average_subsets_first(reg):
 
 
 def test_filters_through_command(reg, tmp_path):
-    app = typer.Typer()
-    app.command()(report_command)
     out = tmp_path / "t.md"
-    r = CliRunner().invoke(app, ["--registry", reg.url, "--method", "simclr", "--table", "1",
+    r = CliRunner().invoke(app, ["report", "--registry", reg.url, "--method", "simclr", "--table", "1",
                                  "--format", "markdown", "--out", str(out)])
     assert r.exit_code == 0, r.output
     text = out.read_text()
     assert "51.00 ± 1.41 (n=2)" in text and "55.00" not in text
     assert "| BCL-D | — (no runs) |" in text
     assert "Excluded 1 run(s) whose status is not 'done' (failed 1; ids 6)." in text
-    r = CliRunner().invoke(app, ["--registry", reg.url, "--tag", "paper", "--table", "1"])
+    r = CliRunner().invoke(app, ["report", "--registry", reg.url, "--tag", "paper", "--table", "1"])
     assert r.exit_code == 0 and "52.00 (n=1)" in r.output
-    r = CliRunner().invoke(app, ["--registry", reg.url, "--format", "xml"])
+    r = CliRunner().invoke(app, ["report", "--registry", reg.url, "--format", "xml"])
     assert r.exit_code == 1 and "unknown --format" in r.output
 
 
 def test_plots(reg, tmp_path):
-    app = typer.Typer()
-    app.command()(report_command)
     folder = tmp_path / "plots"
-    r = CliRunner().invoke(app, ["--registry", reg.url, "--plots", str(folder), "--data-root",
+    r = CliRunner().invoke(app, ["report", "--registry", reg.url, "--plots", str(folder), "--data-root",
                                  str(tmp_path / "nodata")])
     assert r.exit_code == 0, r.output
     assert "per-class plot skipped" in r.output  # no CIFAR labels here

@@ -132,7 +132,7 @@ def test_config_overrides_and_errors():
     cfg = make_config("bcl-d", "3", epochs=7, lr=0.1)
     assert cfg.split == "split3" and cfg.method.epochs == 7 and cfg.method.lr == 0.1
     assert cfg.method.weight_decay == 1e-4 and cfg.method.batch_size == 512
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(TrainError, match="unknown method"):
         make_config("byol")
     with pytest.raises(TrainError, match="at least 1"):
         make_config("simclr", epochs=0)
