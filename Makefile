@@ -14,15 +14,18 @@ DATA_SOURCE ?= --download
 SPLITS_FROM ?=
 EPOCHS  ?=
 
-.PHONY: setup test smoke reproduce reproduce-inside report bench clean
+.PHONY: setup test test-slow smoke reproduce reproduce-inside report bench clean
 
 setup:  ## create .venv with the pinned versions (constraints.txt) and the project, editable
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 
-test:   ## the whole test suite (CPU, a few minutes)
-	$(BIN)/python -m pytest -q
+test:   ## the test suite (CPU only, about 3 minutes on 2 cores); full-size variants are `make test-slow`
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow:  ## the full-size (paper-width ResNet-18) variants of the fast tests
+	$(BIN)/python -m pytest -q -m slow
 
 smoke:  ## data -> splits -> train (every method, 2 epochs) -> eval -> report, on CPU, synthetic data
 	rm -rf $(SMOKE)

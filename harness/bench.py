@@ -24,13 +24,14 @@ from harness.train import Trainer, autocast, check_compile_mode, make_config, re
 
 # The authors' code on one H200 with 16 CPU cores, 8 loader workers, split 1 (SPEC 9).
 REFERENCE = {
-    "device": "NVIDIA H200 (authors' code, measured as SPEC 9 reports)",
+    "device": "NVIDIA H200, the authors' code (16 CPU cores, 8 loader workers, split 1)",
     "seconds_per_epoch": {"simclr": 3.3, "bcl-i": 3.6, "sdclr": 3.65, "bcl-d": 4.0},
     "probe_seconds_one_full_shot": 30.0,
     "peak_memory_gb": 9.5,
     "compute_limit_img_s": {"fp32": 23_400, "bf16": 67_700, "bf16+compile": 92_100},
 }
 PAPER_EPOCHS = 2000
+TINY_WIDTH = 16
 
 
 @dataclass
@@ -50,7 +51,8 @@ class BenchSettings:
     timed_epochs: int = 3
     probe_epochs: int = 500
     limit_steps: int = 30
-    tiny: bool = False           # CPU: a small split and few steps, figures not comparable
+    tiny: bool = False           # CPU: a small split, a narrow network, few steps; figures not comparable
+    width: int = 64              # ResNet-18 width (paper: 64); tiny settings use TINY_WIDTH
 
 
 def _sync(device: torch.device) -> None:
@@ -59,11 +61,11 @@ def _sync(device: torch.device) -> None:
 
 
 def compute_limit(device: torch.device, precision: str, compile: bool, batch: int, steps: int,
-                  compile_mode: str = "default") -> float:
+                  compile_mode: str = "default", width: int = 64) -> float:
     """Image passes/s of plain ResNet-18 + head train steps on device-resident random batches."""
     from methods.models import build_network
 
-    net = build_network("simclr").to(device)
+    net = build_network("simclr", width).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -96,7 +98,7 @@ def bench_method(name: str, s: BenchSettings, data_root: str, split: str) -> dic
     epochs = PAPER_EPOCHS if not s.tiny else 10
     with tempfile.TemporaryDirectory() as tmp:
         reg = Registry(f"sqlite:///{tmp}/bench.db")
-        cfg = make_config(name, split, epochs=epochs, batch_size=s.batch_size, device=s.device,
+        cfg = make_config(name, split, epochs=epochs, batch_size=s.batch_size, width=s.width, device=s.device,
                           precision=s.precision, compile=s.compile, compile_mode=s.compile_mode,
                           overlap_augment=s.overlap_augment, data_root=data_root,
                           splits_root=s.splits_root, checkpoint_dir=tmp, checkpoint_every=10**9)
@@ -116,7 +118,8 @@ def bench_method(name: str, s: BenchSettings, data_root: str, split: str) -> dic
         losses = [e["loss"] for e in reg.epochs(tr.run_id)]
     r = {"method": name, "images": tr.n, "steps_per_epoch": tr.steps_per_epoch, "seconds_per_epoch": epoch_s,
          "images_per_s": tr.n / epoch_s, "image_passes_per_s": 2 * tr.n / epoch_s,
-         "projected_2000_epochs_min": epoch_s * PAPER_EPOCHS / 60, "peak_memory_gb": peak,
+         # a 2,000-epoch projection of tiny CPU settings would mean nothing
+         "projected_2000_epochs_min": None if s.tiny else epoch_s * PAPER_EPOCHS / 60, "peak_memory_gb": peak,
          "losses": losses}
     if profile is not None:
         r["profile"] = profile
@@ -168,7 +171,7 @@ def profile_epoch(tr: Trainer) -> dict:
             "device_ms_per_step": top_device_us / 1e3 / steps if cuda else None, "phases": per_step}
 
 
-def bench_probes(device: torch.device, probe_epochs: int, tiny: bool) -> dict:
+def bench_probes(device: torch.device, probe_epochs: int, tiny: bool, width: int = 64) -> dict:
     """Feature extraction of 50k train + 10k test images and the 11 probes (1 full, 5x100, 5x50)
     on features of the real sizes; timing does not depend on the pixel values."""
     from harness.probe import ProbeConfig, ProbeSpec, extract_features, run_probes
@@ -177,7 +180,7 @@ def bench_probes(device: torch.device, probe_epochs: int, tiny: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     n_train, n_test = (600, 100) if tiny else (50_000, 10_000)
     images = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g)
-    net = build_network("bcl-d").to(device)
+    net = build_network("bcl-d", width).to(device)
     _sync(device)
     t0 = time.perf_counter()
     feats = extract_features(net, images, device, bf16=device.type == "cuda")
@@ -225,18 +228,20 @@ def run_bench(s: BenchSettings, log=print) -> dict:
     precision = resolve_precision(s.precision, device)
     check_compile_mode(s.compile_mode)
     if device.type != "cuda" and not s.tiny:
-        log("no CUDA device: running with tiny settings (128-image split, batch 64, 1+1 epochs, "
-            "10 probe epochs); the figures say nothing about GPU speed")
+        log(f"no CUDA device: running with tiny settings (128-image split, width-{TINY_WIDTH} network, "
+            "batch 64, 1+1 epochs, 10 probe epochs); the figures say nothing about GPU speed, so no "
+            "comparison with the reference or the compute limit is printed")
         s.tiny = True
     if s.tiny:
         s.batch_size, s.warmup_epochs, s.timed_epochs = min(s.batch_size, 64), 1, 1
+        s.width = min(s.width, TINY_WIDTH)
         s.probe_epochs, s.limit_steps = min(s.probe_epochs, 10), 3
         data_root, split = tiny_split(s.data_root)
     else:
         data_root, split = s.data_root, s.split
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
            "precision": precision, "overlap_augment": s.overlap_augment, "compile": s.compile, "compile_mode": s.compile_mode if s.compile else None,
-           "batch_size": s.batch_size, "tiny": s.tiny,
+           "batch_size": s.batch_size, "tiny": s.tiny, "width": s.width,
            "split": split if not s.tiny else "tiny (128 images)",
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": command_line(),
@@ -245,17 +250,18 @@ def run_bench(s: BenchSettings, log=print) -> dict:
     log(f"compute limit: ResNet-18 train steps, batch {2 * s.batch_size}, {precision}"
         f"{compile_label(s.compile, s.compile_mode)} ...")
     out["compute_limit_img_s"] = compute_limit(device, precision, s.compile, 2 * s.batch_size, s.limit_steps,
-                                               s.compile_mode)
+                                               s.compile_mode, s.width)
     for name in s.methods:
         log(f"{name}: {s.warmup_epochs} warm-up + {s.timed_epochs} timed epochs ...")
         r = bench_method(name, s, data_root, split)
         r["ratio_to_limit"] = r["image_passes_per_s"] / out["compute_limit_img_s"]
-        ref = REFERENCE["seconds_per_epoch"][name]
-        r["reference_seconds_per_epoch"] = ref
-        r["speedup_vs_reference"] = ref / r["seconds_per_epoch"]
+        if not s.tiny:  # the authors' H200 figures compare only with full-size settings
+            ref = REFERENCE["seconds_per_epoch"][name]
+            r["reference_seconds_per_epoch"] = ref
+            r["speedup_vs_reference"] = ref / r["seconds_per_epoch"]
         out["methods"].append(r)
     log(f"probes: {s.probe_epochs} epochs ...")
-    out["probes"] = bench_probes(device, s.probe_epochs, s.tiny)
+    out["probes"] = bench_probes(device, s.probe_epochs, s.tiny, s.width)
     out["targets"] = [] if s.tiny else target_rows(out)
     return out
 
@@ -263,14 +269,14 @@ def run_bench(s: BenchSettings, log=print) -> dict:
 def target_rows(r: dict) -> list[dict]:
     """The speed targets of an H100/H200-class GPU, each with its measured value and verdict.
     SimCLR's share is of the compiled limit measured in this process when the bench ran with
-    --compile, else of SPEC 9's compiled limit for an H200 (said in the row)."""
+    --compile, else of the reference compiled limit of an H200 (said in the row)."""
     by = {m["method"]: m for m in r["methods"]}
     rows = []
     if "simclr" in by:
         if r["compile"]:
             limit, source = r["compute_limit_img_s"], "measured here"
         else:
-            limit, source = REFERENCE["compute_limit_img_s"]["bf16+compile"], "SPEC 9's H200 figure"
+            limit, source = REFERENCE["compute_limit_img_s"]["bf16+compile"], "the reference H200 figure"
         share = by["simclr"]["image_passes_per_s"] / limit
         rows.append({"key": "simclr_share", "target": "SimCLR >= 50% of the compiled compute limit", "met": share >= 0.5,
                      "value": f"{share:.0%} of {limit:,.0f} img/s ({source})"})
@@ -322,27 +328,34 @@ def format_bench(r: dict) -> str:
     label = compile_label(r['compile'], r.get('compile_mode'))
     if not r.get("overlap_augment", True):
         label += ", augmentation not overlapped"
-    lines = [f"device {r['device']}, {r['precision']}{label}, batch {r['batch_size']}, "
-             f"split {r['split']}{'  [TINY CPU SETTINGS: not comparable to GPU figures]' if r['tiny'] else ''}",
+    tiny = r["tiny"]
+    lines = [f"device {r['device']}, {r['precision']}{label}, batch {r['batch_size']}, split {r['split']}"
+             + (f", width {r.get('width')}  [TINY CPU SETTINGS: not comparable to GPU figures]" if tiny else ""),
              f"compute limit (ResNet-18 train steps on resident random batches): "
              f"{r['compute_limit_img_s']:,.0f} image passes/s", ""]
-    head = (f"{'method':<8} {'img/s':>9} {'passes/s':>10} {'s/epoch':>8} {'2000 ep':>9} {'peak GB':>8} "
-            f"{'of limit':>9} {'ref s/ep':>9} {'speed-up':>9}")
+    head = f"{'method':<8} {'img/s':>9} {'passes/s':>10} {'s/epoch':>8}"
+    if not tiny:
+        head += f" {'2000 ep':>9} {'peak GB':>8} {'of limit':>9} {'ref s/ep':>9} {'speed-up':>9}"
     lines += [head, "-" * len(head)]
     for m in r["methods"]:
-        peak = f"{m['peak_memory_gb']:.1f}" if m["peak_memory_gb"] is not None else "-"
-        lines.append(f"{m['method']:<8} {m['images_per_s']:>9,.0f} {m['image_passes_per_s']:>10,.0f} "
-                     f"{m['seconds_per_epoch']:>8.3f} {m['projected_2000_epochs_min']:>7.1f} m {peak:>8} "
-                     f"{m['ratio_to_limit']:>8.0%} {m['reference_seconds_per_epoch']:>9.2f} "
-                     f"{m['speedup_vs_reference']:>8.1f}x")
+        row = (f"{m['method']:<8} {m['images_per_s']:>9,.0f} {m['image_passes_per_s']:>10,.0f} "
+               f"{m['seconds_per_epoch']:>8.3f}")
+        if not tiny:
+            peak = f"{m['peak_memory_gb']:.1f}" if m["peak_memory_gb"] is not None else "-"
+            row += (f" {m['projected_2000_epochs_min']:>7.1f} m {peak:>8} {m['ratio_to_limit']:>8.0%} "
+                    f"{m['reference_seconds_per_epoch']:>9.2f} {m['speedup_vs_reference']:>8.1f}x")
+        lines.append(row)
     by = {m["method"]: m for m in r["methods"]}
     if "simclr" in by and "bcl-d" in by:
         lines.append(f"\nBCL-D / SimCLR epoch time: {by['bcl-d']['seconds_per_epoch'] / by['simclr']['seconds_per_epoch']:.2f}x")
     p = r["probes"]
-    lines.append(f"probe set: {p['probes']} probes x {p['probe_epochs']} epochs in {p['probe_seconds']:.1f} s "
-                 f"+ features {p['feature_seconds']:.1f} s (reference: ~{REFERENCE['probe_seconds_one_full_shot']:.0f} s "
-                 f"for one full-shot probe)")
-    lines.append(f"reference figures: {REFERENCE['device']}")
+    probe = f"probe set: {p['probes']} probes x {p['probe_epochs']} epochs in {p['probe_seconds']:.1f} s " \
+            f"+ features {p['feature_seconds']:.1f} s"
+    if not tiny:
+        probe += f" (reference: ~{REFERENCE['probe_seconds_one_full_shot']:.0f} s for one full-shot probe)"
+    lines.append(probe)
+    if not tiny:
+        lines.append(f"reference figures: {REFERENCE['device']}")
     if r.get("targets"):
         lines += ["", "targets (H100/H200 class):"]
         lines += [f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']}" for t in r["targets"]]

@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 
 from harness import data as data_mod
 from harness import splits as splits_mod
-from harness.errors import HarnessError, user_message
+from harness.errors import HarnessError, mask_secrets, user_message
 from harness.registry import ENV_VAR as REGISTRY_ENV, Registry, to_json
 
 
@@ -61,6 +61,19 @@ DataFolderOpt = Annotated[Path, typer.Option("--data-root", help="Dataset folder
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the network (forward and backward).")]
 CompileModeOpt = Annotated[str, typer.Option(help="torch.compile mode with --compile: default, reduce-overhead "
                                              "(CUDA graphs), max-autotune, max-autotune-no-cudagraphs.")]
+
+
+
+def run_id_in_range(value: Optional[int]) -> Optional[int]:
+    if value is not None and not 1 <= value < 2**63:
+        raise typer.BadParameter(f"{value} is not a run id (they are positive integers; see `harness runs list`)")
+    return value
+
+
+RunIdArg = Annotated[int, typer.Argument(callback=run_id_in_range, help="Run id (see `harness runs list`).")]
+WidthOpt = Annotated[Optional[int], typer.Option(help="ResNet-18 width, the stem's channels "
+                                                 "(paper: 64); e.g. 16 for a quick CPU try (recorded, marked "
+                                                 "in reports).")]
 
 
 def fail(message: str) -> None:
@@ -141,19 +154,24 @@ def splits_fetch(root: SplitsRootOpt = None) -> None:
 
 @splits_app.command("verify")
 def splits_verify(root: SplitsRootOpt = None) -> None:
-    """Check the present paper split files against the manifest; exit 1 on any mismatch."""
+    """Check every paper split file against the manifest; exit 1 if any is missing or corrupt."""
     status = splits_mod.verify(root)
     for name, st in status:
         typer.echo(f"{name:<18} {st}")
     bad = [n for n, st in status if st not in ("ok", "missing")]
+    missing = [n for n, st in status if st == "missing"]
     present = sum(st == "ok" for _, st in status)
-    typer.echo(f"{present} ok, {sum(st == 'missing' for _, st in status)} missing, {len(bad)} corrupt")
+    typer.echo(f"{present} ok, {len(missing)} missing, {len(bad)} corrupt")
     if bad:
         fail(f"digest mismatch: {', '.join(bad)}; import or fetch them again")
+    if missing:
+        fail(f"{len(missing)} of {len(status)} split files missing from {splits_mod.resolve_root(root)}: run "
+             "`harness splits import DIR` (e.g. ../shared/splits) or `harness splits fetch`")
 
 
 @splits_app.command("show")
-def splits_show(name: Annotated[str, typer.Argument(help="Split name (see splits/manifest.json) or a .npy path.")],
+def splits_show(name: Annotated[str, typer.Argument(help="Split: 1-5 (the paper's), a name from "
+                                                "splits/manifest.json or a generated one, or a .npy path.")],
                 data_root: Annotated[Path, typer.Option("--data-root", help="Dataset folder for the labels.")]
                 = data_mod.DEFAULT_ROOT,
                 root: SplitsRootOpt = None,
@@ -161,6 +179,7 @@ def splits_show(name: Annotated[str, typer.Argument(help="Split name (see splits
                 ) -> None:
     """Length, per-class histogram against the dataset's labels, imbalance ratio."""
     d = data_mod.load_cifar100(data_root)
+    name = f"split{name}" if name.isdigit() else name  # as `harness train --split 1` reads it
     idx = splits_mod.load_split(name, root, num_images=len(d.train_labels))
     counts = splits_mod.class_counts(idx, d.train_labels)
     typer.echo(f"{name}: {len(idx)} indices, {int((counts > 0).sum())} classes present")
@@ -241,8 +260,8 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 def _cell(v) -> str:
     if v is None:
         return "-"
-    if isinstance(v, float):
-        return f"{v:.1f}"
+    if isinstance(v, float):  # 4 significant digits: an lr of 0.0025 or a loss of -0.93 stays readable
+        return f"{v:.4g}"
     if isinstance(v, list):
         return ",".join(map(str, v))
     return str(v)
@@ -258,6 +277,11 @@ def runs_list(
     registry: RegistryOpt = None,
 ) -> None:
     """List runs, newest last."""
+    from harness.registry import RUN_STATUSES
+    if status is not None and status not in RUN_STATUSES:
+        fail(f"unknown --status {status!r}; one of {', '.join(RUN_STATUSES)}")
+    if method is not None:
+        method = method.lower()
     runs = open_registry(registry).list_runs(method=method, split=split, status=status, tag=tag)
     if as_json:
         typer.echo(to_json(runs))
@@ -268,7 +292,7 @@ def runs_list(
 
 
 @runs_app.command("show")
-def runs_show(run_id: Annotated[int, typer.Argument(help="Run id (see `harness runs list`).")],
+def runs_show(run_id: RunIdArg,
               as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
               registry: RegistryOpt = None) -> None:
     """A run's configuration, epochs, probe scores and artifacts."""
@@ -295,7 +319,7 @@ def runs_show(run_id: Annotated[int, typer.Argument(help="Run id (see `harness r
 
 
 @runs_app.command("delete")
-def runs_delete(run_id: Annotated[int, typer.Argument(help="Run id to delete with all its metrics.")],
+def runs_delete(run_id: RunIdArg,
                 yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
                 registry: RegistryOpt = None) -> None:
     """Delete a run and its metrics from the registry (checkpoint files stay on disk)."""
@@ -312,53 +336,84 @@ def runs_delete(run_id: Annotated[int, typer.Argument(help="Run id to delete wit
 @app.command("train")
 def train_command(
     method: Annotated[str, typer.Argument(help="simclr, sdclr, bcl-i or bcl-d.")],
-    split: Annotated[str, typer.Option("--split", help="Pretraining split: 1-5 (the paper's), a generated "
-                                       "split name, or a .npy file.")] = "1",
+    split: Annotated[Optional[str], typer.Option("--split", help="Pretraining split: 1-5 (the paper's), a "
+                                                 "generated split name, or a .npy file (default: 1).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (paper: 2000).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (paper: 512).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (paper: 0.5).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (paper: 5e-4 SimCLR/BCL-I, "
                                                           "1e-4 SDCLR/BCL-D).")] = None,
-    warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear warm-up epochs (paper: 10).")] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear warm-up epochs "
+                                                         "(paper: 10).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for init, data order and augmentation (paper: 10).")]
     = None,
+    width: WidthOpt = None,
+    subset: Annotated[Optional[int], typer.Option(help="Train on N images of the split (a "
+                                                  "seeded draw), for a quick try; recorded and marked in "
+                                                  "reports.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N steps (checkpointed, "
+                                                     "status interrupted; --resume continues).")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     compile: CompileOpt = False,
     compile_mode: CompileModeOpt = "default",
-    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N epochs (and at the end).")] = 50,
-    monitor_every: Annotated[int, typer.Option(help="kNN accuracy monitor every N epochs (0: off).")] = 0,
-    resume: Annotated[Optional[int], typer.Option(help="Continue run ID exactly where its checkpoint stopped.")]
-    = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N epochs "
+                                                  "(and at the end).")] = 50,
+    monitor_every: Annotated[int, typer.Option(help="kNN accuracy monitor every N epochs "
+                                               "(0: off).")] = 0,
+    resume: Annotated[Optional[int], typer.Option(callback=run_id_in_range, help="Continue run ID exactly where "
+                                                  "its checkpoint stopped, with its own recipe, data and "
+                                                  "split folders.")] = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="Tag the run (repeatable).")] = None,
-    data_root: DataFolderOpt = data_mod.DEFAULT_ROOT,
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Dataset folder (default: data; "
+                                                      "a resumed run reuses its own).")] = None,
     splits_root: SplitsRootOpt = None,
-    checkpoint_dir: Annotated[Path, typer.Option(help="Where checkpoints go (run<ID>/last.pt).")]
-    = Path("checkpoints"),
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Where checkpoints go, run<ID>/last.pt "
+                                                           "(default: checkpoints; a resumed run reuses "
+                                                           "its own).")] = None,
     registry: RegistryOpt = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (steps, images/s, ETA).")] = True,
 ) -> None:
     """Pretrain one method on one split with the paper's recipe.
 
     Every knob of the recipe can be overridden. The run, its per-epoch metrics
-    and checkpoints go to the registry. Ctrl-C saves a checkpoint and marks the
-    run interrupted; --resume ID continues it exactly.
+    and checkpoints go to the registry. Ctrl-C, SIGTERM or SIGUSR1 save a
+    checkpoint and mark the run interrupted; --resume ID continues it exactly.
     """
-    from harness.train import make_config, train
+    from harness.train import make_config, normalise_split_name, train
 
-    cfg = make_config(method, split, epochs=epochs, batch_size=batch_size, lr=lr,
-                      weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, device=device,
-                      precision=precision, compile=compile, compile_mode=compile_mode,
-                      checkpoint_every=checkpoint_every,
-                      monitor_every=monitor_every, tags=tag or [], data_root=str(data_root),
-                      splits_root=str(splits_root) if splits_root else None,
-                      checkpoint_dir=str(checkpoint_dir))
-    result = train(cfg, open_registry(registry), resume=resume, progress=progress)
+    paths = dict(data_root=str(data_root) if data_root else None,
+                 splits_root=str(splits_root) if splits_root else None,
+                 checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+    recipe = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                  warmup_epochs=warmup_epochs, seed=seed, width=width, subset=subset)
+    runtime = dict(device=device, compile=compile, compile_mode=compile_mode, checkpoint_every=checkpoint_every,
+                   monitor_every=monitor_every, max_steps=max_steps, **paths)
+    reg = open_registry(registry)
+    if resume is None:
+        cfg = make_config(method, split or "1", precision=precision, tags=tag or [], **recipe, **runtime)
+        result = train(cfg, reg, progress=progress)
+    else:  # only what was given on the command line is compared with (or changes) the run's settings
+        asked = {k: v for k, v in {**recipe, "name": method.lower(), "precision": None if precision == "auto"
+                                   else precision, "split": normalise_split_name(split) if split else None,
+                                   **runtime}.items() if v is not None}
+        result = train(None, reg, resume=resume, progress=progress, asked=asked)
     typer.echo(f"run {result['run_id']}: {result['status']} after {result['epochs_done']} epochs; "
                f"checkpoint {result['checkpoint']}")
     if result["status"] == "interrupted":
-        typer.echo(f"continue with: harness train {method} --resume {result['run_id']}")
-        raise typer.Exit(130)
+        how = (f"stopped by {result['signal']}" if result.get("signal")
+               else f"stopped after {result['steps']} steps (--max-steps)")
+        hint = f"harness train {method} --resume {result['run_id']}"
+        if registry and mask_secrets(registry) == registry:  # a URL with a password stays out of the hint
+            hint += f" --registry {registry}"
+        typer.echo(f"{how}; continue with: {hint}")
+        raise typer.Exit(128 + signal_number(result.get("signal")))
+
+
+def signal_number(name: str | None) -> int:
+    """The shell's convention for a stop by signal N is exit 128 + N; Ctrl-C (and --max-steps) 130."""
+    import signal
+    return getattr(signal, name, signal.SIGINT).value if name else signal.SIGINT.value
 
 
 # -- eval and report ----------------------------------------------------------------------------
@@ -381,6 +436,7 @@ def run_command(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (paper: 10).")] = "10",
     epochs: Annotated[Optional[int], typer.Option(help="Epochs per run (paper: 2000).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (paper: 512).")] = None,
+    width: WidthOpt = None,
     evaluate: Annotated[bool, typer.Option(help="Linear-probe every finished run.")] = True,
     shots: Annotated[str, typer.Option(help="Probes to run: full,100,50.")] = "full,100,50",
     probe_epochs: Annotated[int, typer.Option(help="Probe epochs (protocol: 500).")] = 500,
@@ -412,27 +468,31 @@ def run_command(
 
     s = matrix.MatrixSettings(
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), splits=matrix.parse_splits(splits),
-        seeds=matrix.parse_ints(seeds, "seeds"), epochs=epochs, batch_size=batch_size, evaluate=evaluate,
+        seeds=matrix.parse_ints(seeds, "seeds"), epochs=epochs, batch_size=batch_size, width=width,
+        evaluate=evaluate,
         shots=parse_shots(shots), probe_epochs=probe_epochs, probe_family=probe_family,
         data_root=str(data_root), splits_root=str(splits_root) if splits_root else None,
         checkpoint_dir=str(checkpoint_dir), checkpoint_every=checkpoint_every, precision=precision,
         compile=compile, compile_mode=compile_mode, registry=registry, tags=tag or [],
         devices=tuple(d.strip() for d in devices.split(",")) if devices else ())
-    from methods.base import METHODS
-    unknown = [m for m in s.methods if m not in METHODS]
-    if unknown:
-        fail(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    matrix.check_settings(s)  # every setting once, before any cell starts
     reg = open_registry(registry)
     if dry_run:
-        plans = [(c, *matrix.plan_cell(reg, c, s)) for c in matrix.cells_of(s)]
-        rows = [{"cell": c.label(), "action": action, "run": run_id, "epochs": s.target_epochs(c.method)}
-                for c, action, run_id in plans]
-        typer.echo(format_table(rows, ["cell", "action", "run", "epochs"]))
+        rows = [{"cell": c.label(), "action": action, "run": run_id,
+                 "epochs to train": matrix.epochs_to_train(reg, action, run_id, s.target_epochs(c.method))}
+                for c in matrix.cells_of(s) for action, run_id in [matrix.plan_cell(reg, c, s)]]
+        typer.echo(format_table(rows, ["cell", "action", "run", "epochs to train"]))
         return
-    results = matrix.run_matrix(s, log=lambda m: typer.echo(m, err=True), progress=progress)
+    stopped = None
+    try:
+        results = matrix.run_matrix(s, log=lambda m: typer.echo(m, err=True), progress=progress)
+    except matrix.MatrixStopped as e:  # the workers checkpointed: say what each cell reached, then stop
+        stopped, results = e, e.results
     rows = matrix.summary_rows(reg, results, s)
     typer.echo(format_table(rows, ["cell", "action", "run", "status", "full", "100-shot", "50-shot", "minutes",
-                                   "error"]))
+                                   "s/epoch", "error"]))
+    if stopped is not None:
+        raise stopped
     failed = [r for r in results if r.exit_code not in (0, None)]
     if failed:
         fail(f"{len(failed)} of {len(results)} cells failed: {', '.join(r.cell.label() for r in failed)}")

@@ -52,7 +52,7 @@ def parse_shots(text: str | Sequence[str]) -> tuple[str, ...]:
 def probe_lists(shots: Sequence[str], family: str | None = None) -> list[tuple[str, int, str]]:
     """(kind, subset, split name) of every probe; the five few-shot lists whatever the pretraining split.
 
-    `family` names a generated set (`harness splits make NAME --probe-family`): NAME_full,
+    `family` names a generated set (made by `harness splits make NAME`): NAME_full,
     NAME_100shot_1..5 and NAME_50shot_1..5, for datasets other than the paper's CIFAR-100."""
     out = []
     for kind in shots:
@@ -136,7 +136,8 @@ def load_model(path: Path, fmt: str = "ours", method: str | None = None) -> tupl
         raise EvalError(f"{path} is not a harness checkpoint: no 'model'/'method' entries{hint}")
     if method is not None and method != obj["method"]:
         raise EvalError(f"{path} holds a {obj['method']!r} model, not {method!r}")
-    net = build_network(obj["method"])
+    width = (obj.get("config") or {}).get("width", 64)
+    net = build_network(obj["method"], width if isinstance(width, int) and width > 0 else 64)
     try:
         net.load_state_dict(obj["model"])
     except RuntimeError as e:
@@ -170,8 +171,10 @@ def evaluate_network(net: torch.nn.Module, data: data_mod.CifarData, shots: Sequ
     indices = [splits_mod.load_split(name, splits_root, num_images=n_train) for _, _, name in lists]
     needed = np.unique(np.concatenate(indices))
     net = net.to(device)
-    train_feats = extract_features(net, data.train_images[needed], device, bf16=bf16)
-    test_feats = extract_features(net, data.test_images, device, bf16=bf16)
+    with tqdm(total=len(needed) + len(data.test_images), desc="features", unit="img", disable=not progress,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        train_feats = extract_features(net, data.train_images[needed], device, bf16=bf16, on_batch=bar.update)
+        test_feats = extract_features(net, data.test_images, device, bf16=bf16, on_batch=bar.update)
     train_labels = torch.as_tensor(data.train_labels[needed], device=device)
     test_labels = torch.as_tensor(data.test_labels, device=device)
     specs = [ProbeSpec(kind, subset, torch.as_tensor(np.searchsorted(needed, idx), device=device),
@@ -318,12 +321,12 @@ def eval_command(
     seed: Annotated[int, typer.Option("--seed", help="Base seed of the probes' init and batch order.")] = 0,
     bf16: Annotated[bool, typer.Option("--bf16", help="Extract features under bf16 autocast (CUDA only).")] = False,
     probe_family: Annotated[Optional[str], typer.Option(
-        "--probe-family", help="Probe lists of a generated family (`harness splits make NAME --probe-family`) "
+        "--probe-family", help="Probe lists of a generated family NAME (made by `harness splits make NAME`) "
                                "instead of the paper's; for other datasets and smoke runs.")] = None,
 ) -> None:
     """Linear-probe a model and log its scores to the registry.
 
-    The protocol (SPEC 7): frozen features; 1 full-shot, 5 x 100-shot and
+    The protocol: frozen features; 1 full-shot, 5 x 100-shot and
     5 x 50-shot probes trained together; scores are top-1/5, per class and
     Many/Medium/Few. RUN_ID probes a registry run's latest checkpoint;
     --checkpoint FILE probes a bare file and records it as a run tagged

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import time
+import threading
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from harness.errors import HarnessError
 from harness.registry import Registry
@@ -42,6 +46,7 @@ class MatrixSettings:
     seeds: tuple[int, ...] = (10,)
     epochs: int | None = None           # None: the paper's 2,000
     batch_size: int | None = None
+    width: int | None = None            # None: the paper's ResNet-18 (64)
     evaluate: bool = True
     shots: tuple[str, ...] = ("full", "100", "50")
     probe_epochs: int = 500
@@ -88,6 +93,35 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     return vals
 
 
+def check_settings(s: MatrixSettings) -> None:
+    """Refuse a bad matrix before any cell starts: methods, every cell's recipe, devices, probes."""
+    from methods.base import METHODS
+    from harness.train import TrainError, check_device_name, make_config, resolve_device
+
+    unknown = [m for m in s.methods if m not in METHODS]
+    if unknown:
+        raise MatrixError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    for m in s.methods:  # the same validation `harness train` applies, with this matrix's settings
+        make_config(m, s.splits[0], epochs=s.epochs, batch_size=s.batch_size, width=s.width,
+                    precision=s.precision, compile_mode=s.compile_mode, checkpoint_every=s.checkpoint_every)
+    for d in s.devices:
+        try:
+            resolve_device(check_device_name(d))
+        except TrainError as e:
+            raise MatrixError(f"--devices: {e}") from None
+    if s.evaluate and s.probe_epochs < 1:
+        raise MatrixError(f"--probe-epochs {s.probe_epochs}: must be at least 1 (or --no-evaluate)")
+
+
+def epochs_to_train(reg: Registry, action: str, run_id: int | None, target: int) -> int:
+    """What a planned cell would really train: all epochs, the rest of a resumed run, or none."""
+    if action == "train":
+        return target
+    if action == "resume" and run_id is not None:
+        return target - (reg.get_run(run_id)["epochs_done"] or 0)
+    return 0
+
+
 def visible_devices() -> tuple[str, ...]:
     import torch
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -126,14 +160,15 @@ def run_cell(cell: Cell, s: MatrixSettings, device: str) -> None:
     action, run_id = plan_cell(reg, cell, s)
     try:
         if action in ("train", "resume"):
-            cfg = make_config(cell.method, cell.split, epochs=s.epochs, batch_size=s.batch_size, seed=cell.seed,
+            cfg = make_config(cell.method, cell.split, epochs=s.epochs, batch_size=s.batch_size, width=s.width,
+                              seed=cell.seed,
                               device=device, precision=s.precision, compile=s.compile, compile_mode=s.compile_mode,
                               checkpoint_every=s.checkpoint_every, tags=list(s.tags) + ["matrix"],
                               data_root=s.data_root, splits_root=s.splits_root, checkpoint_dir=s.checkpoint_dir)
             out = train(cfg, reg, resume=run_id if action == "resume" else None, progress=False)
             run_id = out["run_id"]
-            if out["status"] != "done":
-                raise SystemExit(130)
+            if out["status"] != "done":  # stopped by a signal: checkpointed, the next matrix resumes it
+                raise SystemExit(128 + getattr(signal, out.get("signal") or "SIGINT", signal.SIGINT).value)
         if s.evaluate and action != "skip":
             evaluate_run(reg, run_id, Path(s.data_root), Path(s.splits_root) if s.splits_root else None,
                          shots=s.shots, epochs=s.probe_epochs, device=device, progress=False,
@@ -144,7 +179,23 @@ def run_cell(cell: Cell, s: MatrixSettings, device: str) -> None:
         raise
 
 
-def _cell_process(cell: Cell, s: MatrixSettings, device: str) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel send this worker SIGTERM when the matrix process dies (the trainer
+    then checkpoints and stops), so a worker never trains on as an orphan."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _cell_process(cell: Cell, s: MatrixSettings, device: str, parent_pid: int | None = None) -> None:
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     try:
         run_cell(cell, s, device)
     except SystemExit:
@@ -172,10 +223,49 @@ def epochs_trained(reg: Registry, cells: list[Cell], s: MatrixSettings) -> int:
     return total
 
 
+@contextmanager
+def forwarded_stop_signals(running: dict) -> Iterator[dict]:
+    """A stop signal to the matrix (Ctrl-C, SIGTERM, SIGUSR1) stops launching cells and is passed on
+    to every worker as SIGTERM (a terminal's Ctrl-C reaches them already; a second SIGINT would abort
+    their step), so each checkpoints and stops; the matrix then waits for them."""
+    flag = {"signal": None}
+
+    def handler(signum, frame):
+        flag["signal"] = flag["signal"] or signal.Signals(signum).name
+        for p in list(running):
+            if p.pid is not None and p.is_alive():
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield flag
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+class MatrixStopped(HarnessError):
+    """The matrix was stopped by a signal after its workers checkpointed."""
+
+    def __init__(self, sig: str, results: list):
+        self.signal, self.results = sig, results
+        self.exit_code = 128 + getattr(signal, sig, signal.SIGINT).value
+        stopped = sum(1 for r in results if r.exit_code not in (0, None))
+        super().__init__(f"stopped by {sig}: {stopped} running cell(s) checkpointed and marked interrupted; "
+                         "run the same command again to resume them")
+
+
 def run_matrix(s: MatrixSettings, log=print, progress: bool = True, poll_s: float = 0.5,
                registry_poll_s: float = 5.0) -> list[CellResult]:
     """Run every cell that is not done; the overview bar counts epochs over all cells (so its
-    ETA moves within a cell) and shows cells done / running / left / failed."""
+    ETA moves within a cell) and shows cells done / running / evaluating / left / failed. A stop
+    signal is forwarded to the workers; once they have checkpointed, MatrixStopped is raised."""
     reg = Registry(s.registry)  # creates or migrates the schema once, before the workers start
     devices = list(s.devices or visible_devices())
     todo = [CellResult(c, plan_cell(reg, c, s)[0]) for c in cells_of(s)]
@@ -192,36 +282,46 @@ def run_matrix(s: MatrixSettings, log=print, progress: bool = True, poll_s: floa
         total = sum(s.target_epochs(c.method) for c in training) - epochs_at_start
         bar = tqdm(total=total, unit="epoch", dynamic_ncols=True, desc="matrix")
     try:
-        while queue or running:
-            while queue and free:
-                r = queue.pop(0)
-                r.device = free.pop(0)
-                p = ctx.Process(target=_cell_process, args=(r.cell, s, r.device), name=r.cell.label())
-                p.start()
-                running[p] = (r, time.perf_counter())
-            finished = [p for p in running if not p.is_alive()]
-            for p in finished:
-                r, t0 = running.pop(p)
-                p.join()
-                r.exit_code, r.seconds = p.exitcode, time.perf_counter() - t0
-                free.append(r.device)
-                if r.exit_code != 0:
-                    log(f"cell {r.cell.label()} failed (exit {r.exit_code}); the others go on")
-            if bar is not None and (finished or time.perf_counter() - polled >= registry_poll_s):
-                polled = time.perf_counter()
-                bar.n = min(bar.total, epochs_trained(reg, training, s) - epochs_at_start)
-                ended = [x for x in work if x.exit_code is not None]
-                bar.set_postfix(cells=f"{len(ended)}/{len(work)}", running=len(running), left=len(queue),
-                                failed=sum(1 for x in ended if x.exit_code != 0))
-            time.sleep(poll_s)
-    except KeyboardInterrupt:  # children got the same Ctrl-C: they checkpoint and stop
-        for p in running:
-            p.join(120)
-        raise
+        with forwarded_stop_signals(running) as stop:
+            while queue or running:
+                while queue and free and stop["signal"] is None:
+                    r = queue.pop(0)
+                    r.device = free.pop(0)
+                    p = ctx.Process(target=_cell_process, args=(r.cell, s, r.device, os.getpid()),
+                                    name=r.cell.label())
+                    p.start()
+                    running[p] = (r, time.perf_counter())
+                if stop["signal"] is not None:
+                    queue.clear()
+                finished = [p for p in running if not p.is_alive()]
+                for p in finished:
+                    r, t0 = running.pop(p)
+                    p.join()
+                    r.exit_code, r.seconds = p.exitcode, time.perf_counter() - t0
+                    free.append(r.device)
+                    if r.exit_code != 0 and stop["signal"] is None:
+                        log(f"cell {r.cell.label()} failed (exit {r.exit_code}); the others go on")
+                if bar is not None and (finished or time.perf_counter() - polled >= registry_poll_s):
+                    polled = time.perf_counter()
+                    bar.n = min(bar.total, epochs_trained(reg, training, s) - epochs_at_start)
+                    ended = [x for x in work if x.exit_code is not None]
+                    evaluating = sum(1 for r, _ in running.values() if cell_status(reg, r.cell, s) == "done")
+                    bar.set_postfix(cells=f"{len(ended)}/{len(work)}", running=len(running) - evaluating,
+                                    evaluating=evaluating, left=len(queue),
+                                    failed=sum(1 for x in ended if x.exit_code != 0))
+                    bar.refresh()
+                time.sleep(poll_s)
     finally:
         if bar is not None:
             bar.close()
+    if stop["signal"] is not None:
+        raise MatrixStopped(stop["signal"], todo)
     return todo
+
+
+def cell_status(reg: Registry, cell: Cell, s: MatrixSettings) -> str | None:
+    runs = reg.list_runs(method=cell.method, split=cell.split, seed=cell.seed, epochs=s.target_epochs(cell.method))
+    return runs[-1]["status"] if runs else None
 
 
 def summary_rows(reg: Registry, results: list[CellResult], s: MatrixSettings) -> list[dict]:
@@ -237,6 +337,9 @@ def summary_rows(reg: Registry, results: list[CellResult], s: MatrixSettings) ->
                      "status": run["status"] if run else "-", "full": probes.get(("full", 0)),
                      "100-shot": mean(few("100")), "50-shot": mean(few("50")),
                      "minutes": round(r.seconds / 60, 1) if r.seconds else None,
+                     # training only: the run's wall time counts epochs, never evaluation
+                     "s/epoch": round(run["wall_time_s"] / run["epochs_done"], 2)
+                     if run and run.get("epochs_done") else None,
                      "error": (run.get("error") or "").splitlines()[0][:60] if run and run.get("error")
                      and r.exit_code not in (0, None) else ""})
     return rows

@@ -45,19 +45,23 @@ class ProbeConfig:
 
 @torch.no_grad()
 def extract_features(net: nn.Module, images: np.ndarray | Tensor, device: torch.device | str | None = None,
-                     batch_size: int = 1000, bf16: bool = False) -> Tensor:
+                     batch_size: int = 1000, bf16: bool = False,
+                     on_batch: Callable[[int], None] | None = None) -> Tensor:
     """(N, 3, 32, 32) uint8 images -> (N, 512) fp32 features on `device` (dense branch, eval mode)."""
     device = torch.device(device) if device is not None else next(net.parameters()).device
     was_training = net.training
     net.eval()  # BN running statistics, as the protocol says
     images = torch.as_tensor(images)
-    out = torch.empty(len(images), FEATURE_DIM, device=device)
+    dim = getattr(getattr(net, "backbone", None), "feature_dim", FEATURE_DIM)
+    out = torch.empty(len(images), dim, device=device)
     use_amp = bf16 and device.type == "cuda"
     try:
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device, non_blocking=True).float().div_(255)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 out[i:i + batch_size] = net.features(x, branch="dense").float()
+            if on_batch is not None:
+                on_batch(len(x))
     finally:
         net.train(was_training)
     return out
@@ -120,10 +124,11 @@ def train_probes(feats: Tensor, labels: Tensor, subsets: Sequence[Tensor], seeds
     # the bias is a weight on a constant-1 feature: one bmm and one Adam update per step.
     # Probes train in the features' dtype (fp32 in practice; fp64 lets tests compare exactly).
     x1 = torch.cat([feats, torch.ones(len(feats), 1, device=device, dtype=feats.dtype)], 1)
-    theta = torch.empty(P, FEATURE_DIM + 1, NUM_CLASSES, device=device, dtype=feats.dtype)
+    D = feats.shape[1]  # 512 at the paper's width
+    theta = torch.empty(P, D + 1, NUM_CLASSES, device=device, dtype=feats.dtype)
     for i, g in enumerate(gens):
-        w_i, b_i = init_linear(g, device)
-        theta[i, :FEATURE_DIM], theta[i, FEATURE_DIM] = w_i.T, b_i
+        w_i, b_i = init_linear(g, device, dim_in=D)
+        theta[i, :D], theta[i, D] = w_i.T, b_i
 
     # row p of `idx` holds probe p's epoch order, then padding; `scale` is 1/(rows in the
     # batch) on real rows and 0 on padding, so each probe's loss is the mean over its batch
@@ -158,7 +163,7 @@ def train_probes(feats: Tensor, labels: Tensor, subsets: Sequence[Tensor], seeds
 
     inverse = torch.tensor([order.index(p) for p in range(P)], device=device)
     theta = st.theta[inverse]
-    return theta[:, :FEATURE_DIM].contiguous(), theta[:, FEATURE_DIM].contiguous()
+    return theta[:, :D].contiguous(), theta[:, D].contiguous()
 
 
 @dataclass

@@ -279,6 +279,8 @@ class Registry:
     def add_artifact(self, run_id: int, kind: str, path: str, sha256: str | None = None,
                      epoch: int | None = None) -> None:
         with self.session() as s:
+            # a file rewritten in place (last.pt) is one artifact: the old row's digest is stale
+            s.query(Artifact).filter_by(run_id=run_id, kind=kind, path=str(path)).delete()
             s.add(Artifact(run_id=run_id, kind=kind, path=str(path), sha256=sha256, epoch=epoch))
 
     def delete_run(self, run_id: int) -> None:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from harness.errors import HarnessError
-from harness.data import load_cifar100, sha256_file
+from harness.errors import HarnessError, describe_os_error
+from harness.data import load_cifar100, sha256_array, sha256_file
 from harness.registry import Registry, utcnow
 from harness.splits import load_split
 from methods.base import METHODS, MethodConfig, build_method, default_config
@@ -50,6 +50,7 @@ class TrainConfig:
     split: str = "split1"
     data_root: str = "data"
     splits_root: str | None = None
+    subset: int | None = None         # train on this many images of the split (a seeded draw): quick tries
     device: str = "auto"
     precision: str = "auto"           # bf16 on CUDA, fp32 on CPU
     compile: bool = False
@@ -59,7 +60,7 @@ class TrainConfig:
     monitor_every: int = 0            # kNN monitor every N epochs (0: off)
     monitor_size: int = 2000          # test images the kNN monitor classifies
     tags: list[str] = field(default_factory=list)
-    max_steps: int | None = None      # stop after this many steps in this call (benchmarks, tests)
+    max_steps: int | None = None      # stop after this many steps in this call (quick tries, benchmarks, tests)
     overlap_augment: bool = True      # augment the next batch early (on CUDA: on a side stream)
 
     def to_dict(self) -> dict:
@@ -75,7 +76,7 @@ class TrainConfig:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    dev = torch.device(check_device_name(name))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return dev
@@ -146,13 +147,22 @@ def normalise_split_name(split: str) -> str:
     return f"split{split}" if split.isdigit() else split
 
 
+def subset_of(idx: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """`n` of the split's indices, drawn with `seed` and kept in split order (all when n is None)."""
+    if n is None or n >= len(idx):
+        return idx
+    return np.sort(np.random.default_rng(seed).choice(idx, size=n, replace=False))
+
+
 def load_pretraining_images(cfg: TrainConfig, device: torch.device):
-    """The split's uint8 images on the device (9,754 images are 30 MB), their labels, the dataset."""
+    """The split's uint8 images on the device (9,754 images are 30 MB), their labels, the dataset
+    and the indices (after --subset)."""
     data = load_cifar100(Path(cfg.data_root))
     idx = load_split(cfg.split, Path(cfg.splits_root) if cfg.splits_root else None,
                      num_images=len(data.train_labels))
+    idx = subset_of(idx, cfg.subset, cfg.method.seed)
     images = torch.from_numpy(data.train_images[idx]).to(device)
-    return images, data.train_labels[idx], data
+    return images, data.train_labels[idx], data, idx
 
 
 # -- the cheap monitor ------------------------------------------------------------------------
@@ -185,20 +195,27 @@ def knn_monitor(net, bank_images, bank_labels, query_images, query_labels, preci
 
 # -- the loop ---------------------------------------------------------------------------------
 
+# Ctrl-C, and how schedulers stop jobs: SIGTERM (kill, scancel, pre-emption) and SIGUSR1 (Slurm's
+# warning before a time limit, with `--signal=USR1@T`)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 @contextmanager
 def deferred_interrupt() -> Iterator[dict]:
-    """Turn the first Ctrl-C into a flag checked between steps; a second one aborts at once."""
-    flag = {"stop": False}
+    """Turn the first stop signal into a flag checked between steps (the loop then checkpoints and
+    returns); a second Ctrl-C aborts at once. `flag["signal"]` names the signal that stopped it."""
+    flag = {"stop": False, "signal": None}
     if threading_main():
         def handler(signum, frame):
-            if flag["stop"]:
+            if flag["stop"] and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            flag["stop"] = True
-        old = signal.signal(signal.SIGINT, handler)
+            flag["stop"], flag["signal"] = True, flag["signal"] or signal.Signals(signum).name
+        old = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
         try:
             yield flag
         finally:
-            signal.signal(signal.SIGINT, old)
+            for sig, h in old.items():
+                signal.signal(sig, h)
     else:  # signal handlers only work in the main thread
         yield flag
 
@@ -207,11 +224,60 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-class Trainer:
-    """Holds one run's state; `fit()` runs (or continues) it to the end or to max_steps."""
+class DivergedError(TrainError):
+    """A non-finite loss: the run stops as failed and keeps its last good checkpoint."""
 
-    def __init__(self, cfg: TrainConfig, registry: Registry, resume: int | None = None,
-                 progress: bool = True):
+
+class SaveError(TrainError):
+    """A checkpoint that could not be written; the run is marked failed with the cause."""
+
+
+# what a resumed run may change: where and how it runs, never what it computes
+RUNTIME_FIELDS = ("device", "compile", "compile_mode", "overlap_augment", "data_root", "splits_root",
+                  "checkpoint_dir", "max_steps", "monitor_every", "checkpoint_every")
+NOT_COMPARED = ("tags", "monitor_size")
+
+
+def flat_settings(cfg: TrainConfig) -> dict:
+    """A config as one flat dict of loop and method settings (the method's name under "name")."""
+    d = cfg.to_dict()
+    return {**{k: v for k, v in d.items() if k != "method"}, **d["method"]}
+
+
+def resume_config(saved: TrainConfig, asked: dict[str, Any]) -> TrainConfig:
+    """The saved recipe with the runtime settings the caller asked for; a recipe setting that differs
+    from the run's is refused (the run would silently continue with another recipe)."""
+    current = flat_settings(saved)
+    differ = [f"{k} (run: {current[k]!r}, asked: {v!r})" for k, v in asked.items()
+              if v is not None and k in current and k not in RUNTIME_FIELDS + NOT_COMPARED and current[k] != v]
+    if differ:
+        raise TrainError("--resume continues the run's own recipe, and these settings differ: "
+                         f"{'; '.join(differ)}. Drop them, or start a new run")
+    runtime = {k: v for k, v in asked.items() if k in RUNTIME_FIELDS and v is not None}
+    # a step limit belongs to the call that set it, not to the run
+    return dataclasses.replace(saved, **{"max_steps": None, **runtime})
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any training when checkpoints could not be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"checkpoint folder {folder} is not writable: {describe_os_error(e) or e}; "
+                         "choose another with --checkpoint-dir") from None
+
+
+class Trainer:
+    """Holds one run's state; `fit()` runs (or continues) it to the end or to max_steps.
+
+    To resume, give `resume` (a run id) and either the settings asked for (`asked`, only those the
+    user gave) or a full `cfg` (compared as a whole): see `resume_config`."""
+
+    def __init__(self, cfg: TrainConfig | None, registry: Registry, resume: int | None = None,
+                 progress: bool = True, asked: dict[str, Any] | None = None):
         self.registry, self.progress = registry, progress
         ckpt = None
         if resume is not None:
@@ -225,20 +291,26 @@ class Trainer:
             if ckpt["run_id"] != resume or saved.method.name != run["method"]:
                 raise TrainError(f"checkpoint {art['path']} belongs to run {ckpt['run_id']} "
                                  f"({saved.method.name}), not run {resume} ({run['method']})")
-            cfg = self._merge_resume(saved, cfg)
+            cfg = resume_config(saved, asked if asked is not None else flat_settings(cfg))
+        assert cfg is not None
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         mc = cfg.method
 
-        self.images, labels, data = load_pretraining_images(cfg, self.device)
+        self.images, labels, data, self.split_indices = load_pretraining_images(cfg, self.device)
+        self.n = len(self.images)
+        if self.n == 0:
+            raise TrainError(f"split {cfg.split!r} has no images: nothing to train on")
+        self.split_sha256 = sha256_array(self.split_indices)
         self.labels = torch.from_numpy(labels).to(self.device)
         self.test_images = torch.from_numpy(data.test_images[:cfg.monitor_size]).to(self.device)
         self.test_labels = torch.from_numpy(data.test_labels[:cfg.monitor_size]).to(self.device)
-        self.n = len(self.images)
         self.steps_per_epoch = math.ceil(self.n / mc.batch_size)  # the last partial batch is kept
         self.total_steps = mc.epochs * self.steps_per_epoch
         self.warmup_steps = mc.warmup_epochs * self.steps_per_epoch
+        self.checkpoint_dir = Path(cfg.checkpoint_dir)
+        check_writable(self.checkpoint_dir)
 
         torch.manual_seed(mc.seed)  # model initialisation
         self.method = build_method(mc.name, mc, num_samples=self.n, device=self.device)
@@ -252,9 +324,13 @@ class Trainer:
         self.aug_gen = torch.Generator(device=self.device).manual_seed(mc.seed + 1)
         self.epoch, self.step_in_epoch, self.perm = 1, 0, None  # position of the next step
         self.loss_sum = torch.zeros((), device=self.device)   # this epoch's summed loss so far
+        # this epoch's per-step losses (on the device: checked once per epoch, no sync per step)
+        self.step_losses = torch.zeros(self.steps_per_epoch, device=self.device)
         self.wall_time = 0.0
+        self.epoch_elapsed = 0.0   # seconds this epoch ran before the current call (a resumed epoch)
         self.last_lr: float | None = None
         self.steps_this_call = 0
+        self.stop_signal: str | None = None
         # the next step's views, made while this step trains: (epoch, step, views, ready event),
         # and the augmentation generator's state from before they were drawn (what a checkpoint keeps)
         self.pending: tuple | None = None
@@ -264,7 +340,8 @@ class Trainer:
 
         if ckpt is None:
             dev_name, versions, rev = environment(self.device)
-            self.run_id = registry.create_run(mc.name, cfg.split, mc.seed, mc.epochs, cfg.to_dict(),
+            self.run_id = registry.create_run(mc.name, cfg.split, mc.seed, mc.epochs,
+                                              {**cfg.to_dict(), "split_sha256": self.split_sha256},
                                               tags=cfg.tags, device=dev_name, versions=versions,
                                               git_rev=rev, status="running")
             registry.update_run(self.run_id, started_at=utcnow())
@@ -272,23 +349,18 @@ class Trainer:
             self.run_id = resume
             self._restore(ckpt)
             registry.update_run(self.run_id, status="running", error=None)
-        self.checkpoint_path = Path(cfg.checkpoint_dir) / f"run{self.run_id}" / "last.pt"
-
-    @staticmethod
-    def _merge_resume(saved: TrainConfig, asked: TrainConfig) -> TrainConfig:
-        """A resumed run keeps its recipe; only where/how it runs may change."""
-        return dataclasses.replace(saved, device=asked.device, compile=asked.compile,
-                                   compile_mode=asked.compile_mode, overlap_augment=asked.overlap_augment,
-                                   data_root=asked.data_root, splits_root=asked.splits_root,
-                                   checkpoint_dir=asked.checkpoint_dir, max_steps=asked.max_steps)
+        self.checkpoint_path = self.checkpoint_dir / f"run{self.run_id}" / "last.pt"
 
     # -- state ----------------------------------------------------------------------------
     def state(self) -> dict:
         return {
             "format": CHECKPOINT_FORMAT, "run_id": self.run_id, "method": self.cfg.method.name,
-            "split": self.cfg.split, "config": self.cfg.method.to_dict(), "train_config": self.cfg.to_dict(),
+            "split": self.cfg.split, "split_sha256": self.split_sha256,
+            "config": self.cfg.method.to_dict(), "train_config": self.cfg.to_dict(),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "epochs_done": self.epoch - 1, "perm": self.perm, "loss_sum": self.loss_sum.cpu(), "model": self.method.net.state_dict(),
+            "epochs_done": self.epoch - 1, "perm": self.perm, "loss_sum": self.loss_sum.cpu(),
+            "step_losses": self.step_losses.cpu(), "epoch_elapsed_s": self.epoch_elapsed,
+            "model": self.method.net.state_dict(),
             "optimizer": self.optimizer.state_dict(), "method_state": self.method.state_dict(),
             "rng": {"order": self.order_gen.get_state(), "torch": torch.get_rng_state(),
                     # views made ahead of time are not saved: the resumed run draws them again
@@ -300,6 +372,11 @@ class Trainer:
         if ckpt["num_samples"] != self.n:
             raise TrainError(f"checkpoint was trained on {ckpt['num_samples']} images, split "
                              f"{self.cfg.split!r} has {self.n}: wrong split or data")
+        if ckpt.get("split_sha256") not in (None, self.split_sha256):
+            raise TrainError(f"split {self.cfg.split!r} changed since run {self.run_id if hasattr(self, 'run_id') else ''} "
+                             f"started (its indices' sha256 was {ckpt['split_sha256'][:12]}…, now "
+                             f"{self.split_sha256[:12]}…): resuming would train on other images; restore the "
+                             "split file or start a new run")
         try:
             self.method.net.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -312,27 +389,45 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.epoch, self.step_in_epoch, self.perm = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["perm"]
         self.loss_sum = ckpt["loss_sum"].to(self.device)
+        if "step_losses" in ckpt:
+            self.step_losses = ckpt["step_losses"].to(self.device)
+        self.epoch_elapsed = ckpt.get("epoch_elapsed_s", 0.0)
         self.wall_time = ckpt["wall_time_s"]
 
     def save(self) -> None:
-        sha = save_checkpoint(self.checkpoint_path, self.state())
+        """Write the checkpoint and record it; any failure is a SaveError naming the cause in words."""
+        try:
+            sha = save_checkpoint(self.checkpoint_path, self.state())
+        except OSError as e:
+            raise SaveError(f"checkpoint {self.checkpoint_path} could not be written: "
+                            f"{describe_os_error(e) or e}") from None
+        except RuntimeError as e:  # torch.save reports a failed write (e.g. a full disk) as RuntimeError
+            raise SaveError(f"checkpoint {self.checkpoint_path} could not be written: "
+                            f"{str(e).splitlines()[0]}") from None
         done = self.epoch - 1
         self.registry.add_artifact(self.run_id, "checkpoint", str(self.checkpoint_path), sha, epoch=done)
 
     # -- training ---------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to the end (status done), or to a stop signal / max_steps (interrupted). A diverged
+        loss or a failed save ends the run as failed with the cause recorded; the last good
+        checkpoint stays."""
         mc, reg = self.cfg.method, self.registry
         bar = None
         if self.progress:
             from tqdm import tqdm
-            bar = tqdm(total=mc.epochs, initial=self.epoch - 1, unit="epoch", dynamic_ncols=True,
-                       desc=f"{mc.name} {self.cfg.split} run {self.run_id}")
+            bar = tqdm(total=self.total_steps, initial=(self.epoch - 1) * self.steps_per_epoch + self.step_in_epoch,
+                       unit="step", dynamic_ncols=True, desc=f"{mc.name} {self.cfg.split} run {self.run_id}")
+            self._set_bar_epoch(bar)
         self.steps_this_call = 0
         try:
             with deferred_interrupt() as interrupt:
                 while self.epoch <= mc.epochs and self.run_epoch(interrupt, bar):
                     pass
-            status = "done" if self.epoch > mc.epochs else "interrupted"
+                self.stop_signal = interrupt["signal"]
+                status = "done" if self.epoch > mc.epochs else "interrupted"
+                self._check_finite()  # a stop mid-epoch: never checkpoint a diverged state
+                self.save()
         except KeyboardInterrupt:  # second Ctrl-C: the step may be half done, keep the last checkpoint
             reg.update_run(self.run_id, status="interrupted", wall_time_s=self.wall_time)
             raise
@@ -343,35 +438,60 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        self.save()
         fields: dict[str, Any] = {"status": status, "wall_time_s": self.wall_time,
-                                  "epochs_done": self.epoch - 1}
+                                  "epochs_done": self.epoch - 1,
+                                  "error": f"stopped by {self.stop_signal}" if self.stop_signal else None}
         if status == "done":
             fields["finished_at"] = utcnow()
         reg.update_run(self.run_id, **fields)
+        stopped_by = self.stop_signal or ("max_steps" if status == "interrupted" else None)
         return {"run_id": self.run_id, "status": status, "epochs_done": self.epoch - 1,
-                "checkpoint": str(self.checkpoint_path)}
+                "checkpoint": str(self.checkpoint_path), "signal": self.stop_signal, "stopped_by": stopped_by,
+                "steps": self.steps_this_call}
+
+    def _set_bar_epoch(self, bar) -> None:
+        bar.set_description(f"{self.cfg.method.name} {self.cfg.split} run {self.run_id} "
+                            f"epoch {min(self.epoch, self.cfg.method.epochs)}/{self.cfg.method.epochs}")
 
     def run_epoch(self, interrupt: dict | None = None, bar=None) -> bool:
-        """Run (the rest of) the current epoch; False if stopped early by Ctrl-C or max_steps."""
+        """Run (the rest of) the current epoch; False if stopped early by a signal or max_steps."""
         t0 = time.perf_counter()
         if self.step_in_epoch == 0:
             self.method.on_epoch_start(self.epoch)
             self.perm = torch.randperm(self.n, generator=self.order_gen)
             self.loss_sum = torch.zeros((), device=self.device)
+            self.step_losses.zero_()
+            self.epoch_elapsed = 0.0
         perm = self.perm.to(self.device)
         self.method.net.train()
         while self.step_in_epoch < self.steps_per_epoch:
             if (interrupt and interrupt["stop"]) or (self.cfg.max_steps is not None
                                                      and self.steps_this_call >= self.cfg.max_steps):
-                self.wall_time += self._sync_time(t0)
+                spent = self._sync_time(t0)
+                self.wall_time += spent
+                self.epoch_elapsed += spent
                 return False
             loss, batch_len = self._step(perm)
             self.loss_sum += loss.detach() * batch_len
+            self.step_losses[self.step_in_epoch] = loss.detach()
             self.step_in_epoch += 1
             self.steps_this_call += 1
+            if bar is not None:
+                bar.update(1)
         self._end_epoch(t0, bar)
         return True
+
+    def _check_finite(self) -> None:
+        """Raise DivergedError naming the first non-finite step loss of this epoch (one device sync)."""
+        if bool(torch.isfinite(self.loss_sum)):
+            return
+        bad = (~torch.isfinite(self.step_losses[:self.step_in_epoch])).nonzero()
+        step = int(bad[0]) if len(bad) else self.step_in_epoch - 1
+        value = float(self.step_losses[step])
+        last = self.registry.latest_checkpoint(self.run_id)
+        kept = f"the last good checkpoint (epoch {last['epoch']}) is kept" if last else "no checkpoint was saved"
+        raise DivergedError(f"training diverged: loss {value} at epoch {self.epoch}, step {step + 1} of "
+                            f"{self.steps_per_epoch} (lr {self.last_lr:.4g}); {kept}. Lower --lr or check the data")
 
     def _batch(self, perm: torch.Tensor, step: int) -> torch.Tensor:
         bs = self.cfg.method.batch_size
@@ -439,9 +559,11 @@ class Trainer:
 
     def _end_epoch(self, t0: float, bar) -> None:
         mc, epoch = self.cfg.method, self.epoch
+        self._check_finite()  # before the epoch's hook, its row or a checkpoint
         stats = self.method.on_epoch_end(epoch)
-        epoch_time = self._sync_time(t0)  # one device sync per epoch
-        self.wall_time += epoch_time
+        spent = self._sync_time(t0)  # one device sync per epoch
+        self.wall_time += spent
+        epoch_time = self.epoch_elapsed + spent  # a resumed epoch counts its time before the stop too
         metrics: dict[str, Any] = {"loss": (self.loss_sum / self.n).item(), "lr": self.last_lr,
                                    "epoch_time_s": epoch_time, "images_per_s": self.n / epoch_time}
         metrics.update({k.replace("w_", "weight_"): v for k, v in stats.items()})
@@ -458,11 +580,12 @@ class Trainer:
             if "knn_top1" in metrics:
                 post["knn"] = f"{metrics['knn_top1']:.1f}"
             bar.set_postfix(post)
-            bar.update(1)
+            self._set_bar_epoch(bar)
 
 
-def train(cfg: TrainConfig, registry: Registry, resume: int | None = None, progress: bool = True) -> dict:
-    return Trainer(cfg, registry, resume=resume, progress=progress).fit()
+def train(cfg: TrainConfig | None, registry: Registry, resume: int | None = None, progress: bool = True,
+          asked: dict[str, Any] | None = None) -> dict:
+    return Trainer(cfg, registry, resume=resume, progress=progress, asked=asked).fit()
 
 
 def check_compile_mode(mode: str) -> str:
@@ -471,8 +594,72 @@ def check_compile_mode(mode: str) -> str:
     return mode
 
 
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+BIG = 2**31  # counts beyond this are typos (and overflow torch's index types)
+
+
+def _count(lo: int):
+    return lambda v: isinstance(v, int) and lo <= v < BIG
+
+
+# (field, test, what it must be): checked before any work, so a typo never trains to "done"
+RECIPE_CHECKS = (
+    ("epochs", _count(1), "an integer from 1 to 2^31"),
+    ("batch_size", _count(1), "an integer from 1 to 2^31"),
+    ("lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("final_lr", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("weight_decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("momentum", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    ("warmup_epochs", _count(0), "an integer from 0 to 2^31"),
+    ("temperature", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("width", _count(1), "an integer from 1 to 2^31"),
+    ("prune_ratio", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    ("bcl_beta", lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
+    ("bcl_k", _count(0), "an integer from 0 to 2^31"),
+    ("bcl_min_magnitude", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("bcl_max_magnitude", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+)
+LOOP_CHECKS = (
+    ("checkpoint_every", _count(1), "an integer from 1 to 2^31"),
+    ("monitor_every", _count(0), "an integer from 0 to 2^31 (0: off)"),
+    ("monitor_size", _count(1), "an integer from 1 to 2^31"),
+    ("subset", lambda v: v is None or _count(1)(v), "an integer from 1 to 2^31"),
+    ("max_steps", lambda v: v is None or _count(1)(v), "an integer from 1 to 2^31"),
+)
+
+
+def validate_config(cfg: TrainConfig) -> TrainConfig:
+    """Refuse settings that cannot train (non-finite or out-of-range), naming the option."""
+    bad = [f"--{name.replace('_', '-')} {getattr(obj, name)!r} (must be {what})"
+           for obj, checks in ((cfg.method, RECIPE_CHECKS), (cfg, LOOP_CHECKS))
+           for name, ok, what in checks if not ok(getattr(obj, name))]
+    if bad:
+        raise TrainError("invalid settings: " + "; ".join(bad))
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise TrainError(f"--precision {cfg.precision!r}: choose auto, bf16 or fp32")
+    check_device_name(cfg.device)
+    check_compile_mode(cfg.compile_mode)
+    return cfg
+
+
+def check_device_name(name: str) -> str:
+    """auto, cpu, cuda or cuda:N: a one-line error for anything else (before any work)."""
+    if name == "auto":
+        return name
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise TrainError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device {name!r}: only cpu and cuda devices are supported")
+    return name
+
+
 def make_config(method: str, split: str = "1", **overrides: Any) -> TrainConfig:
-    """Paper defaults for `method`, with loop and recipe overrides by name (None = keep)."""
+    """Paper defaults for `method`, with loop and recipe overrides by name (None = keep); validated."""
     try:
         mc = default_config(method)
     except ValueError:
@@ -484,7 +671,4 @@ def make_config(method: str, split: str = "1", **overrides: Any) -> TrainConfig:
     if unknown:
         raise TrainError(f"unknown settings: {', '.join(sorted(unknown))}")
     mc = dataclasses.replace(mc, **m_over)
-    if mc.epochs < 1 or mc.batch_size < 1:
-        raise TrainError("--epochs and --batch-size must be at least 1")
-    check_compile_mode(t_over.get("compile_mode", "default"))
-    return TrainConfig(method=mc, split=normalise_split_name(split), **t_over)
+    return validate_config(TrainConfig(method=mc, split=normalise_split_name(split), **t_over))

@@ -50,6 +50,7 @@ class MethodConfig:
     warmup_epochs: int = 10
     temperature: float = 0.2
     seed: int = 10
+    width: int = 64                     # ResNet-18 stem channels (paper: 64); narrower for tests / CPU tries
     # SDCLR / BCL-D
     prune_ratio: float = 0.9
     # BCL
@@ -85,7 +86,7 @@ class Method:
         self.cfg = cfg
         self.num_samples = int(num_samples)
         self.device = torch.device(device)
-        self.net = build_network(self.name).to(self.device)
+        self.net = build_network(self.name, cfg.width).to(self.device)
         self._forward = self.net  # replaced by a compiled wrapper in compile(); shares parameters
 
     # ---- hooks called by the training loop -------------------------------------------

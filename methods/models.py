@@ -86,17 +86,21 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR ResNet-18: 3x3 stem, no max-pool, 4 stages of 2 BasicBlocks, global average pool."""
+    """CIFAR ResNet-18: 3x3 stem, no max-pool, 4 stages of 2 BasicBlocks, global average pool.
 
-    def __init__(self, two_branch: bool = False):
+    ``width`` is the stem's channel count (the paper's 64); the stages have width x 1, 2, 4, 8
+    channels, so features are 8 x width wide. Narrow widths exist for tests and CPU tries."""
+
+    def __init__(self, two_branch: bool = False, width: int = 64):
         super().__init__()
+        self.feature_dim = 8 * width
         # normalisation is the model's first op, so callers feed [0, 1] images
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        self.conv1 = _conv(two_branch, 3, 64, 3)
-        self.bn1 = _bn(two_branch, 64)
-        cin, layers = 64, []
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        self.conv1 = _conv(two_branch, 3, width, 3)
+        self.bn1 = _bn(two_branch, width)
+        cin, layers = width, []
+        for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
             layers.append(nn.Sequential(BasicBlock(cin, cout, stride, two_branch),
                                         BasicBlock(cout, cout, 1, two_branch)))
             cin = cout
@@ -130,13 +134,14 @@ class ProjectionHead(nn.Module):
 
 
 class ContrastiveNet(nn.Module):
-    """Backbone + projection head. ``features`` gives the 512-d probe features, ``forward`` the 128-d projections."""
+    """Backbone + projection head. ``features`` gives the probe features (512-d at the paper's width),
+    ``forward`` the 128-d projections."""
 
-    def __init__(self, two_branch: bool = False):
+    def __init__(self, two_branch: bool = False, width: int = 64):
         super().__init__()
         self.two_branch = two_branch
-        self.backbone = ResNet18(two_branch)
-        self.head = ProjectionHead(two_branch)
+        self.backbone = ResNet18(two_branch, width)
+        self.head = ProjectionHead(two_branch, dim_in=self.backbone.feature_dim)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -153,7 +158,7 @@ class ContrastiveNet(nn.Module):
             raise ValueError(f"branch {branch!r} not available (two_branch={self.two_branch})")
 
     def features(self, x: Tensor, branch: str = "dense") -> Tensor:
-        """x: float images in [0, 1], (B, 3, 32, 32) -> (B, 512)."""
+        """x: float images in [0, 1], (B, 3, 32, 32) -> (B, 8 x width): (B, 512) at the paper's width."""
         self._check(branch)
         return self.backbone(x, branch)
 
@@ -173,6 +178,11 @@ class ContrastiveNet(nn.Module):
 TWO_BRANCH_METHODS = ("sdclr", "bcl-d")
 
 
-def build_network(method_name: str) -> ContrastiveNet:
+PAPER_WIDTH = 64
+
+
+def build_network(method_name: str, width: int = PAPER_WIDTH) -> ContrastiveNet:
     """The network a method trains: two-branch (prunable) for SDCLR and BCL-D."""
-    return ContrastiveNet(two_branch=method_name.lower() in TWO_BRANCH_METHODS)
+    if width < 1:
+        raise ValueError(f"network width must be at least 1, got {width}")
+    return ContrastiveNet(two_branch=method_name.lower() in TWO_BRANCH_METHODS, width=width)

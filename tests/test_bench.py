@@ -11,18 +11,31 @@ def test_cpu_bench_runs_tiny_and_says_so(tmp_path):
     logs = []
     r = run_bench(BenchSettings(methods=("simclr", "bcl-d"), data_root=str(tmp_path / "none"), device="cpu"),
                   log=logs.append)
-    assert r["tiny"] and any("tiny settings" in m for m in logs)
+    assert r["tiny"] and any("tiny settings" in m for m in logs) and r["width"] == 16
     assert r["compute_limit_img_s"] > 0
     for m in r["methods"]:
         assert m["seconds_per_epoch"] > 0
         assert abs(m["images_per_s"] * m["seconds_per_epoch"] - m["images"]) < 1e-6 * m["images"]
-        assert abs(m["projected_2000_epochs_min"] - m["seconds_per_epoch"] * 2000 / 60) < 1e-9
-        assert m["speedup_vs_reference"] == REFERENCE["seconds_per_epoch"][m["method"]] / m["seconds_per_epoch"]
+        # nothing that compares tiny CPU figures with the H200 reference or projects a paper run
+        assert m["projected_2000_epochs_min"] is None and "speedup_vs_reference" not in m
         assert len(m["losses"]) == 2  # one warm-up and one timed epoch, logged like a real run
     assert r["probes"]["probes"] == 11 and r["probes"]["probe_seconds"] > 0
     text = format_bench(r)
-    assert "TINY CPU SETTINGS" in text and "BCL-D / SimCLR epoch time" in text and "speed-up" in text
+    assert "TINY CPU SETTINGS" in text and "BCL-D / SimCLR epoch time" in text
+    for meaningless in ("speed-up", "of limit", "2000 ep", "reference"):
+        assert meaningless not in text
     assert r["targets"] == [] and "targets" not in text  # tiny CPU figures are not judged
+
+
+def test_full_size_bench_table_compares_with_the_reference():
+    m = {"method": "simclr", "images": 9754, "seconds_per_epoch": 0.39, "images_per_s": 25_000,
+         "image_passes_per_s": 50_000, "projected_2000_epochs_min": 13.0, "peak_memory_gb": 9.0,
+         "ratio_to_limit": 0.58, "reference_seconds_per_epoch": 3.3, "speedup_vs_reference": 8.46}
+    r = {"device": "NVIDIA H200", "precision": "bf16", "compile": False, "batch_size": 512, "tiny": False,
+         "split": "1", "compute_limit_img_s": 86_000.0, "methods": [m],
+         "probes": {"feature_seconds": 0.5, "probe_seconds": 2.0, "probes": 11, "probe_epochs": 500}}
+    text = format_bench(r)
+    assert "speed-up" in text and "8.5x" in text and "58%" in text and "13.0 m" in text
 
 
 def test_targets_judge_each_figure():
@@ -40,14 +53,14 @@ def test_targets_judge_each_figure():
     assert rows["bcld_ratio"]["value"] == "1.30x"
     rows = judged(0.45, 0.623, False, 60_000, 31)
     assert not any(t["met"] for t in rows.values())
-    assert "SPEC 9" in rows["simclr_share"]["value"]  # 43.4k of the reference's compiled 92.1k
+    assert "reference H200" in rows["simclr_share"]["value"]  # 43.4k of the reference's compiled 92.1k
 
 
 
 def test_bench_command_writes_json(tmp_path, monkeypatch):
     import harness.bench as bench
 
-    fake = {"device": "cpu (x86_64)", "precision": "fp32", "compile": False, "batch_size": 64, "tiny": True,
+    fake = {"device": "NVIDIA H200", "precision": "bf16", "compile": False, "batch_size": 512, "tiny": False,
             "split": "tiny", "compute_limit_img_s": 100.0, "reference": REFERENCE,
             "methods": [{"method": "simclr", "images": 256, "steps_per_epoch": 4, "seconds_per_epoch": 10.0,
                          "images_per_s": 25.6, "image_passes_per_s": 51.2, "projected_2000_epochs_min": 333.3,

@@ -151,4 +151,4 @@ def test_train_command_errors(tmp_path):
     res = run("train", "simclr", "--split", "9", "--data-root", tmp_path, "--registry", url, ok=False)
     assert res.exit_code == 1 and "folder not found" in res.output
     res = run("train", "simclr", "--precision", "fp8", "--registry", url, "--device", "cpu", ok=False)
-    assert res.exit_code == 1 and "choose bf16 or fp32" in res.output
+    assert res.exit_code == 1 and "choose auto, bf16 or fp32" in res.output

@@ -24,7 +24,7 @@ def world(tmp_path, monkeypatch):
     idx = splits.make_long_tailed(d.train_labels, max_per_class=2, ratio=2, seed=0)[:40]
     splits.save_generated("tiny", idx, "pretrain", "test")
     splits.save_generated("tiny_full", np.arange(len(d.train_labels)), "probe-full", "test")
-    s = MatrixSettings(methods=("simclr", "bcl-d"), splits=("tiny", "missing"), epochs=1, batch_size=16,
+    s = MatrixSettings(methods=("simclr", "bcl-d"), splits=("tiny", "missing"), epochs=1, batch_size=16, width=8,
                        shots=("full",), probe_epochs=2, probe_family="tiny", data_root=str(tmp_path / "data"),
                        checkpoint_dir=str(tmp_path / "ck"), registry=f"sqlite:///{tmp_path}/r.db",
                        devices=("cpu", "cpu"))  # two workers at once share the registry
@@ -35,7 +35,7 @@ def test_matrix_resumes_skips_and_isolates_failures(world):
     s = world
     reg = Registry(s.registry)
     # an interrupted SimCLR run of the tiny cell, as a killed matrix would leave it
-    cfg = make_config("simclr", "tiny", epochs=1, batch_size=16, data_root=s.data_root,
+    cfg = make_config("simclr", "tiny", epochs=1, batch_size=16, width=8, data_root=s.data_root,
                       checkpoint_dir=s.checkpoint_dir, max_steps=1)
     part = train(cfg, reg, progress=False)
     assert part["status"] == "interrupted"
