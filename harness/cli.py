@@ -211,6 +211,7 @@ def splits_make(
     out: Annotated[Optional[Path], typer.Option(
         help=f"Folder for the generated files and their manifest (default: ${splits_mod.GENERATED_ENV_VAR} "
              "or splits/generated).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing split family of this name.")] = False,
 ) -> None:
     """Generate a long-tailed pretraining split and its probe family.
 
@@ -218,8 +219,15 @@ def splits_make(
     the paper's are, is a full-shot list and --subsets k-shot lists per k.
     Evaluate with `harness eval RUN --probe-family NAME`.
     """
-    d = data_mod.load_cifar100(data_root)
+    splits_mod.check_split_name(name)
+    ks = [int(x) for x in shots.split(",") if x.strip()]
     out = out or splits_mod.generated_dir()
+    names = [name, f"{name}_full"] + [f"{name}_{k}shot_{j}" for k in ks for j in range(1, subsets + 1)]
+    existing = sorted({e.name for e in splits_mod.generated_entries(out)} & set(names))
+    if existing and not force:
+        fail(f"split {name!r} already exists in {out} ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}): "
+             "runs may depend on it; choose another name or pass --force to replace it")
+    d = data_mod.load_cifar100(data_root)
     labels = d.train_labels
     ex = splits_mod.load_split(exclude, num_images=len(labels)) if exclude else None
     pool = np.setdiff1d(np.arange(len(labels)), ex) if ex is not None else np.arange(len(labels))
@@ -227,9 +235,14 @@ def splits_make(
     made = [splits_mod.save_generated(name, idx, "pretrain", f"long tail max {max_per_class} ratio {ratio} "
                                       f"seed {seed}", out)]
     per_class = full_per_class or int(np.bincount(labels[pool], minlength=data_mod.NUM_CLASSES).min())
+    same = [k for k in ks if k >= per_class]
+    if same:  # every such list would be the full-shot list itself: same images, scores differing only by seed
+        fail(f"{same[0]}-shot lists need fewer than the {per_class} images per class of the full-shot list, or "
+             "they are that list itself; raise --full-per-class (the data allows "
+             f"{int(np.bincount(labels[pool], minlength=data_mod.NUM_CLASSES).min())}) or lower --shots")
     full = splits_mod.make_k_shot(labels, per_class, seed + 1, pool)
     made.append(splits_mod.save_generated(f"{name}_full", full, "probe-full", f"{per_class} per class", out))
-    for k in [int(x) for x in shots.split(",") if x.strip()]:
+    for k in ks:
         for j in range(1, subsets + 1):
             kidx = splits_mod.make_k_shot(labels, k, seed + 1000 * k + j, full)
             made.append(splits_mod.save_generated(f"{name}_{k}shot_{j}", kidx, f"probe-{k}",

@@ -42,6 +42,17 @@ class SplitEntry:
     description: str = ""
 
 
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
+def check_split_name(name: str) -> str:
+    """A generated split's name is a file name in its folder: no separators, no `..`, no odd characters."""
+    if not SPLIT_NAME.fullmatch(name) or ".." in name or name.endswith(".npy"):
+        raise SplitError(f"split name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a "
+                         "letter or digit (no path separators, no '..', no .npy suffix)")
+    return name
+
+
 def resolve_root(root: Path | None = None) -> Path:
     return Path(root or os.environ.get(ENV_VAR) or DEFAULT_ROOT)
 
@@ -262,6 +273,7 @@ def make_k_shot(labels: np.ndarray, k: int, seed: int = 0, pool: np.ndarray | No
 def save_generated(name: str, idx: np.ndarray, role: str, description: str,
                    folder: Path | None = None) -> SplitEntry:
     """Write a generated split and record it (name, length, sha256, role) in its manifest."""
+    check_split_name(name)
     if role not in ROLES and not re.fullmatch(r"probe-\d+", role):
         raise SplitError(f"unknown role {role!r}; one of {ROLES}")
     if any(e.name == name for e in paper_entries()):

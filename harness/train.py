@@ -118,8 +118,12 @@ def save_checkpoint(path: Path, state: dict) -> str:
     """Write atomically (temp file, then rename) and return the file's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a stop mid-write: no half file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return sha256_file(path)
 
 
