@@ -338,8 +338,15 @@ class Registry:
                     raise
                 conn.exec_driver_sql("COMMIT")
                 # WAL lets readers and one writer overlap; set only on a file known to be a registry
-                if conn.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal":
-                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                # (switching needs the file to itself, and SQLite does not wait for that: retry)
+                deadline = time.monotonic() + 60
+                while conn.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal":
+                    try:
+                        conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                    except OperationalError as e:
+                        if "locked" not in str(e) or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
             return
         for attempt in range(5):
             try:
