@@ -5,12 +5,19 @@ all processes share the registry, which is what decides what is left to do: a ce
 whose run is done and evaluated is skipped, a done run without probe scores is only
 evaluated, an interrupted (or failed, or stale running) run with a checkpoint is resumed,
 and anything else starts fresh. A failing cell is recorded and the others go on.
+
+However many matrices run at once, a cell is worked on by one process: the cell's process
+claims it in the registry first (atomic; see Registry.claim_cell) and renews the claim from a
+heartbeat thread while it trains and evaluates; a cell claimed by a live process elsewhere, or
+whose run is leased to one, is reported as "running elsewhere" and skipped. Only when that
+process is gone (its lease ran out) is the cell taken over and its run resumed.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 import threading
 import traceback
@@ -19,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from harness.errors import HarnessError
-from harness.registry import Registry
+from harness.errors import HarnessError, mask_secrets
+from harness.registry import Heartbeat, Registry, RegistryError, new_owner, utcnow
 
 RESUMABLE = ("interrupted", "failed", "running")
+ELSEWHERE = "running elsewhere"  # the action of a cell a live process elsewhere works on
+ELSEWHERE_EXIT = 75  # a cell process's exit code for it (EX_TEMPFAIL)
 
 
 class MatrixError(HarnessError, ValueError):
@@ -132,9 +141,18 @@ def cells_of(s: MatrixSettings) -> list[Cell]:
     return [Cell(m, sp, seed) for sp in s.splits for m in s.methods for seed in s.seeds]
 
 
-def plan_cell(reg: Registry, cell: Cell, s: MatrixSettings) -> tuple[str, int | None]:
-    """(action, run id): skip, eval (done, scores missing), resume, or train (new run)."""
+def _leased(run: dict) -> bool:
+    return bool(run.get("owner")) and run.get("lease_until") is not None and run["lease_until"] >= utcnow()
+
+
+def plan_cell(reg: Registry, cell: Cell, s: MatrixSettings, owner: str | None = None) -> tuple[str, int | None]:
+    """(action, run id): skip, eval (done, scores missing), resume, train (new run), or
+    "running elsewhere" (claimed by, or its run leased to, a live process other than `owner`)."""
     runs = reg.list_runs(method=cell.method, split=cell.split, seed=cell.seed, epochs=s.target_epochs(cell.method))
+    holder = reg.cell_holder(cell.method, cell.split, cell.seed, s.target_epochs(cell.method))
+    busy = [r for r in runs if r["status"] != "done" and _leased(r) and r["owner"] != owner]
+    if (holder is not None and holder["owner"] != owner) or busy:
+        return ELSEWHERE, (busy[-1]["id"] if busy else runs[-1]["id"] if runs else None)
     done = [r for r in runs if r["status"] == "done"]
     if done:
         run = done[-1]
@@ -148,16 +166,34 @@ def plan_cell(reg: Registry, cell: Cell, s: MatrixSettings) -> tuple[str, int | 
     return "train", None
 
 
-def run_cell(cell: Cell, s: MatrixSettings, device: str) -> None:
-    """Body of one cell's process: pin the device, train or resume, then evaluate."""
+def run_cell(cell: Cell, s: MatrixSettings, device: str) -> str:
+    """Body of one cell's process: pin the device, claim the cell, train or resume, then evaluate.
+    Returns the action taken ("running elsewhere" when another live process has the cell)."""
     if device.startswith("cuda:"):  # before anything initialises CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
         device = "cuda"
-    from harness.evaluate import evaluate_run
-    from harness.train import make_config, train
-
     reg = Registry(s.registry)
-    action, run_id = plan_cell(reg, cell, s)
+    owner, key = new_owner(), (cell.method, cell.split, cell.seed, s.target_epochs(cell.method))
+    if not reg.claim_cell(*key, owner):
+        return ELSEWHERE
+    beat = Heartbeat(lambda: reg.renew_cell(*key, owner), reg.lease_s, name=f"claim-{cell.label()}").start()
+    try:
+        return _run_claimed_cell(reg, cell, s, device, owner)
+    finally:
+        beat.stop()
+        try:
+            reg.release_cell(*key, owner)
+        except RegistryError:  # unreachable: the claim runs out by itself
+            pass
+
+
+def _run_claimed_cell(reg: Registry, cell: Cell, s: MatrixSettings, device: str, owner: str) -> str:
+    from harness.evaluate import evaluate_run
+    from harness.train import RunBusy, make_config, train
+
+    action, run_id = plan_cell(reg, cell, s, owner=owner)  # again: the registry may have moved on
+    if action in ("skip", ELSEWHERE):
+        return action
     try:
         if action in ("train", "resume"):
             cfg = make_config(cell.method, cell.split, epochs=s.epochs, batch_size=s.batch_size, width=s.width,
@@ -165,7 +201,10 @@ def run_cell(cell: Cell, s: MatrixSettings, device: str) -> None:
                               device=device, precision=s.precision, compile=s.compile, compile_mode=s.compile_mode,
                               checkpoint_every=s.checkpoint_every, tags=list(s.tags) + ["matrix"],
                               data_root=s.data_root, splits_root=s.splits_root, checkpoint_dir=s.checkpoint_dir)
-            out = train(cfg, reg, resume=run_id if action == "resume" else None, progress=False)
+            try:
+                out = train(cfg, reg, resume=run_id if action == "resume" else None, progress=False)
+            except RunBusy:  # a `harness train --resume` elsewhere took the run first
+                return ELSEWHERE
             run_id = out["run_id"]
             if out["status"] != "done":  # stopped by a signal: checkpointed, the next matrix resumes it
                 raise SystemExit(128 + getattr(signal, out.get("signal") or "SIGINT", signal.SIGINT).value)
@@ -177,6 +216,7 @@ def run_cell(cell: Cell, s: MatrixSettings, device: str) -> None:
         if run_id is not None:
             reg.update_run(run_id, error=f"{e.__class__.__name__}: {e}\n{traceback.format_exc()[-2000:]}")
         raise
+    return action
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -197,11 +237,12 @@ def _cell_process(cell: Cell, s: MatrixSettings, device: str, parent_pid: int | 
     if parent_pid is not None:
         die_with_parent(parent_pid)
     try:
-        run_cell(cell, s, device)
+        if run_cell(cell, s, device) == ELSEWHERE:
+            raise SystemExit(ELSEWHERE_EXIT)
     except SystemExit:
         raise
     except BaseException:
-        traceback.print_exc()
+        print(mask_secrets(traceback.format_exc()), end="", file=sys.stderr)
         raise SystemExit(1)
 
 
@@ -269,7 +310,7 @@ def run_matrix(s: MatrixSettings, log=print, progress: bool = True, poll_s: floa
     reg = Registry(s.registry)  # creates or migrates the schema once, before the workers start
     devices = list(s.devices or visible_devices())
     todo = [CellResult(c, plan_cell(reg, c, s)[0]) for c in cells_of(s)]
-    work = [r for r in todo if r.action != "skip"]
+    work = [r for r in todo if r.action not in ("skip", ELSEWHERE)]
     log(f"{len(todo)} cells: {len(todo) - len(work)} already done, {len(work)} to run on "
         f"{len(devices)} device(s) ({', '.join(devices)})")
     ctx = mp.get_context("spawn")
@@ -299,6 +340,9 @@ def run_matrix(s: MatrixSettings, log=print, progress: bool = True, poll_s: floa
                     p.join()
                     r.exit_code, r.seconds = p.exitcode, time.perf_counter() - t0
                     free.append(r.device)
+                    if r.exit_code == ELSEWHERE_EXIT:  # claimed by another matrix meanwhile
+                        r.action, r.exit_code = ELSEWHERE, 0
+                        log(f"cell {r.cell.label()} is running elsewhere; skipped")
                     if r.exit_code != 0 and stop["signal"] is None:
                         log(f"cell {r.cell.label()} failed (exit {r.exit_code}); the others go on")
                 if bar is not None and (finished or time.perf_counter() - polled >= registry_poll_s):

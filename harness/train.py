@@ -30,7 +30,7 @@ from torch.profiler import record_function
 
 from harness.errors import HarnessError, describe_os_error
 from harness.data import load_cifar100, sha256_array, sha256_file
-from harness.registry import Registry, utcnow
+from harness.registry import Heartbeat, Registry, RegistryError, RegistryUnreachable, new_owner, utcnow
 from harness.splits import load_split
 from methods.base import METHODS, MethodConfig, build_method, default_config
 from methods.schedule import lr_at
@@ -41,6 +41,14 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 class TrainError(HarnessError):
     """A run that cannot start or resume; the message says what to do."""
+
+
+class RunBusy(TrainError):
+    """The run is held by another live process (its lease is being renewed)."""
+
+
+class LeaseLost(TrainError):
+    """Another process took this run over (our lease had run out): stop, write nothing."""
 
 
 @dataclass
@@ -124,7 +132,15 @@ def save_checkpoint(path: Path, state: dict) -> str:
     except BaseException:  # a full disk or a stop mid-write: no half file left behind
         tmp.unlink(missing_ok=True)
         raise
-    return sha256_file(path)
+    sha = sha256_file(path)
+    # the file's own sha256 beside it: a checkpoint saved while the registry was unreachable (so
+    # not in it) is still known intact when the run resumes
+    _sidecar(path).write_text(sha + "\n")
+    return sha
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def load_checkpoint(path: Path, expected_sha256: str | None = None) -> dict:
@@ -132,7 +148,7 @@ def load_checkpoint(path: Path, expected_sha256: str | None = None) -> dict:
     if not path.is_file():
         raise TrainError(f"checkpoint {path} not found; it may have been moved or deleted "
                          "(start a new run instead of --resume)")
-    if expected_sha256 and sha256_file(path) != expected_sha256:
+    if expected_sha256 and sha256_file(path) not in (expected_sha256, _sidecar_sha(path)):
         raise TrainError(f"checkpoint {path} does not match the sha256 in the registry: "
                          "the file was changed or is corrupt")
     try:
@@ -143,6 +159,13 @@ def load_checkpoint(path: Path, expected_sha256: str | None = None) -> dict:
         raise TrainError(f"checkpoint {path} is not a harness training checkpoint (format "
                          f"{ckpt.get('format') if isinstance(ckpt, dict) else '?'}, expected {CHECKPOINT_FORMAT})")
     return ckpt
+
+
+def _sidecar_sha(path: Path) -> str | None:
+    try:
+        return _sidecar(path).read_text().strip() or None
+    except OSError:
+        return None
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -282,11 +305,43 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig | None, registry: Registry, resume: int | None = None,
                  progress: bool = True, asked: dict[str, Any] | None = None):
+        # the run is leased to this process (see harness/registry.py): created leased, or resumed
+        # only when no live process holds it; a heartbeat thread renews the lease during fit()
+        self.owner, self.heartbeat, self._held = new_owner(), None, None
+        self.unlogged: tuple[int, dict] | None = None  # an epoch row the registry did not take yet
+        try:
+            self._init(cfg, registry, resume, progress, asked)
+        except BaseException:
+            if self._held is not None:
+                try:
+                    registry.release(self._held, self.owner)
+                except RegistryError:
+                    pass
+            raise
+
+    def _acquire(self, registry: Registry, run_id: int) -> None:
+        run = registry.get_run(run_id)
+        if not registry.acquire_run(run_id, self.owner):
+            holder = registry.lease_holder(run_id) or {"owner": run.get("owner"), "lease_until": run.get("lease_until")}
+            until = holder["lease_until"]
+            raise RunBusy(f"run {run_id} is being trained by {holder['owner']} (its lease runs until "
+                             f"{until:%Y-%m-%d %H:%M:%S} UTC and is renewed while that process lives); "
+                             "not resumed: wait for it, or resume after its lease expires")
+        self._held = run_id
+
+    def _init(self, cfg: TrainConfig | None, registry: Registry, resume: int | None, progress: bool,
+              asked: dict[str, Any] | None) -> None:
         self.registry, self.progress = registry, progress
         ckpt = None
         if resume is not None:
+            self._acquire(registry, resume)
             run = registry.get_run(resume)
             art = registry.latest_checkpoint(resume)
+            ck_dir = ((asked or {}).get("checkpoint_dir") or (cfg.checkpoint_dir if cfg else None)
+                      or (run["config"] or {}).get("checkpoint_dir") or "checkpoints")
+            unregistered = Path(ck_dir) / f"run{resume}" / "last.pt"
+            if art is None and _sidecar_sha(unregistered):  # saved while the registry was unreachable
+                art = {"path": str(unregistered), "sha256": _sidecar_sha(unregistered)}
             if art is None:
                 raise TrainError(f"run {resume} has no checkpoint to resume from (status {run['status']}); "
                                  "start a new run")
@@ -347,12 +402,15 @@ class Trainer:
             self.run_id = registry.create_run(mc.name, cfg.split, mc.seed, mc.epochs,
                                               {**cfg.to_dict(), "split_sha256": self.split_sha256},
                                               tags=cfg.tags, device=dev_name, versions=versions,
-                                              git_rev=rev, status="running")
+                                              git_rev=rev, status="running", owner=self.owner)
+            self._held = self.run_id
             registry.update_run(self.run_id, started_at=utcnow())
         else:
             self.run_id = resume
             self._restore(ckpt)
-            registry.update_run(self.run_id, status="running", error=None)
+            if ckpt.get("unlogged"):  # the epoch's row that the registry missed when it went away
+                registry.log_epoch(self.run_id, ckpt["unlogged"][0], **ckpt["unlogged"][1])
+            registry.update_run(self.run_id, status="running", error=None, epochs_done=self.epoch - 1)
         self.checkpoint_path = self.checkpoint_dir / f"run{self.run_id}" / "last.pt"
 
     # -- state ----------------------------------------------------------------------------
@@ -369,7 +427,7 @@ class Trainer:
             "rng": {"order": self.order_gen.get_state(), "torch": torch.get_rng_state(),
                     # views made ahead of time are not saved: the resumed run draws them again
                     "aug": self.pending_aug_state if self.pending is not None else self.aug_gen.get_state()},
-            "wall_time_s": self.wall_time, "num_samples": self.n,
+            "wall_time_s": self.wall_time, "num_samples": self.n, "unlogged": self.unlogged,
         }
 
     def _restore(self, ckpt: dict) -> None:
@@ -400,6 +458,7 @@ class Trainer:
 
     def save(self) -> None:
         """Write the checkpoint and record it; any failure is a SaveError naming the cause in words."""
+        self._hold_lease()  # never write over the files of a process that took the run over
         try:
             sha = save_checkpoint(self.checkpoint_path, self.state())
         except OSError as e:
@@ -411,11 +470,54 @@ class Trainer:
         done = self.epoch - 1
         self.registry.add_artifact(self.run_id, "checkpoint", str(self.checkpoint_path), sha, epoch=done)
 
+    # -- the lease --------------------------------------------------------------------------
+    def _hold_lease(self) -> None:
+        """Renew the lease now; LeaseLost if another process has taken the run over."""
+        ok = self.heartbeat.beat() if self.heartbeat else self.registry.renew_lease(self.run_id, self.owner)
+        if not ok:
+            holder = self.registry.lease_holder(self.run_id)
+            raise LeaseLost(f"run {self.run_id} was taken over by {holder['owner'] if holder else 'another process'} "
+                            "(this process's lease had run out); stopped without saving, so the other "
+                            "process's checkpoint is not overwritten")
+
+    def _lease_lost(self) -> bool:
+        return self.heartbeat is not None and self.heartbeat.lost.is_set()
+
+    def _save_offline(self) -> Path | None:
+        """Checkpoint without the registry (it is unreachable), if the lease is surely still ours."""
+        if self.heartbeat is not None and time.monotonic() >= self.heartbeat.valid_until:
+            return None
+        save_checkpoint(self.checkpoint_path, self.state())
+        return self.checkpoint_path
+
     # -- training ---------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train to the end (status done), or to a stop signal / max_steps (interrupted). A diverged
-        loss or a failed save ends the run as failed with the cause recorded; the last good
-        checkpoint stays."""
+        """Train to the end (status done), or to a stop signal / max_steps (interrupted), with the
+        run's lease renewed from a heartbeat thread and released however this ends. A diverged loss
+        or a failed save ends the run as failed with the cause recorded (the last good checkpoint
+        stays); an unreachable registry: checkpoint, one line saying how to resume, TrainError."""
+        reg = self.registry
+        self.heartbeat = Heartbeat(lambda: reg.renew_lease(self.run_id, self.owner), reg.lease_s,
+                                   name=f"lease-run{self.run_id}").start()
+        unreachable = False
+        try:
+            return self._fit()
+        except RegistryUnreachable as e:
+            unreachable = True
+            path = self._save_offline()
+            saved = (f"checkpoint saved at {path}" if path else
+                     "checkpoint not saved (the lease ran out meanwhile; the last registered one stays)")
+            raise TrainError(f"registry unreachable ({e}); {saved}; resume with "
+                             f"`harness train {self.cfg.method.name} --resume {self.run_id}` when it is back") from None
+        finally:
+            self.heartbeat.stop()
+            if not unreachable:
+                try:
+                    reg.release(self.run_id, self.owner)
+                except RegistryError:
+                    pass
+
+    def _fit(self) -> dict:
         mc, reg = self.cfg.method, self.registry
         bar = None
         if self.progress:
@@ -434,6 +536,8 @@ class Trainer:
                 self.save()
         except KeyboardInterrupt:  # second Ctrl-C: the step may be half done, keep the last checkpoint
             reg.update_run(self.run_id, status="interrupted", wall_time_s=self.wall_time)
+            raise
+        except (LeaseLost, RegistryUnreachable):  # the row is not ours to write, or cannot be written
             raise
         except Exception as e:
             reg.update_run(self.run_id, status="failed", error=f"{e.__class__.__name__}: {e}",
@@ -469,8 +573,8 @@ class Trainer:
         perm = self.perm.to(self.device)
         self.method.net.train()
         while self.step_in_epoch < self.steps_per_epoch:
-            if (interrupt and interrupt["stop"]) or (self.cfg.max_steps is not None
-                                                     and self.steps_this_call >= self.cfg.max_steps):
+            if (interrupt and interrupt["stop"]) or self._lease_lost() or (
+                    self.cfg.max_steps is not None and self.steps_this_call >= self.cfg.max_steps):
                 spent = self._sync_time(t0)
                 self.wall_time += spent
                 self.epoch_elapsed += spent
@@ -574,8 +678,13 @@ class Trainer:
         if self.cfg.monitor_every and (epoch % self.cfg.monitor_every == 0 or epoch == mc.epochs):
             metrics["knn_top1"] = knn_monitor(self.method.net, self.images, self.labels, self.test_images,
                                               self.test_labels, self.precision)
-        self.registry.log_epoch(self.run_id, epoch, **metrics)
+        # the epoch is over in the state first: a checkpoint taken if the registry is unreachable
+        # resumes after it and keeps its row (`unlogged`) for the registry
         self.epoch, self.step_in_epoch, self.perm = epoch + 1, 0, None
+        self.unlogged = (epoch, metrics)
+        self._hold_lease()
+        self.registry.log_epoch(self.run_id, epoch, **metrics)
+        self.unlogged = None
         self.registry.update_run(self.run_id, epochs_done=epoch, wall_time_s=self.wall_time)
         if epoch % self.cfg.checkpoint_every == 0 and epoch < mc.epochs:
             self.save()
