@@ -5,6 +5,7 @@ pixels and labels), never by file md5: copies without the `filenames` key are co
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.safeio import load_pickle
 
 DEFAULT_ROOT = Path("data")
 FOLDER = "cifar-100-python"
@@ -71,14 +73,9 @@ def dataset_dir(root: Path) -> Path:
 
 
 def _read_pickle(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (run `harness data prepare --root DIR` first)")
-    try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-    except Exception as e:  # truncated or corrupt pickles raise many different types
-        raise DataError(f"{path}: not a readable pickle ({e.__class__.__name__}: {e}); "
-                        "the file is truncated or corrupt, prepare the data again") from None
+    """A data pickle through the restricted unpickler: a data folder is untrusted input."""
+    d = load_pickle(path, DataError, hints={errno.ENOENT: " (run `harness data prepare --root DIR` first)"},
+                    corrupt_hint=", prepare the data again")
     if not isinstance(d, dict):
         raise DataError(f"{path}: expected a dict, found {type(d).__name__}")
     return d
@@ -124,8 +121,8 @@ def load_cifar100(root: Path = DEFAULT_ROOT, strict_sizes: bool = False) -> Cifa
         if counts.min() != counts.max():
             raise DataError(f"{folder / name}: per-class counts differ ({counts.min()} to {counts.max()}); "
                             "CIFAR-100 has equal counts per class")
-    meta = folder / "meta"
-    names = _read_pickle(meta).get("fine_label_names") if meta.exists() else None
+    meta = folder / "meta"  # optional: absent means generic class names
+    names = _read_pickle(meta).get("fine_label_names") if os.path.lexists(meta) else None
     if names is not None and len(names) != NUM_CLASSES:
         raise DataError(f"{meta}: {len(names)} fine_label_names, expected {NUM_CLASSES}")
     return CifarData(tr_x, tr_y, te_x, te_y, list(names) if names else [f"class_{i}" for i in range(NUM_CLASSES)])

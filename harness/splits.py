@@ -5,9 +5,10 @@ A split is a 1-D int64 .npy array of positions in a dataset's train set.
 """
 from __future__ import annotations
 
+import errno
 import json
-import re
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -18,6 +19,7 @@ import numpy as np
 
 from harness.data import NUM_CLASSES, sha256_file
 from harness.errors import HarnessError
+from harness.safeio import check_readable, load_npy
 
 PROJECT = Path(__file__).resolve().parents[1]
 MANIFEST = PROJECT / "splits" / "manifest.json"
@@ -96,24 +98,18 @@ def validate_indices(idx: np.ndarray, num_images: int | None, what: str) -> np.n
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise SplitError(f"{path}: not a readable .npy file ({e})") from None
+    return load_npy(path, SplitError)  # allow_pickle=False: a split file never runs code
 
 
 def load_split(name: str, root: Path | None = None, num_images: int | None = None) -> np.ndarray:
     """Indices of split `name` (a manifest name or a path to a .npy file), digest-verified."""
     if name.endswith(".npy"):
         path = Path(name)
-        if not path.is_file():
-            raise SplitError(f"{path}: file not found")
         return validate_indices(_load_npy(path), num_images, str(path))
     e, is_paper = entry(name)
     path = (resolve_root(root) if is_paper else generated_dir()) / e.file
-    if not path.is_file():
-        raise SplitError(f"split {name!r}: {path} not found; run `harness splits import DIR` "
-                         "(e.g. ../shared/splits) or `harness splits fetch`")
+    check_readable(path, SplitError, hints={errno.ENOENT: "; run `harness splits import DIR` (e.g. "
+                                            f"../shared/splits) or `harness splits fetch` to get split {name!r}"})
     digest = sha256_file(path)
     if digest != e.sha256:
         raise SplitError(f"split {name!r}: {path} has sha256 {digest[:12]}…, the manifest says "

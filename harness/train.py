@@ -12,6 +12,7 @@ the loop saves a checkpoint, marks the run interrupted and exits.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import platform
@@ -31,6 +32,7 @@ from torch.profiler import record_function
 from harness.errors import HarnessError
 from harness.data import load_cifar100, sha256_file
 from harness.registry import Registry, utcnow
+from harness.safeio import check_readable, load_torch
 from harness.splits import load_split
 from methods.base import METHODS, MethodConfig, build_method, default_config
 from methods.schedule import lr_at
@@ -123,17 +125,15 @@ def save_checkpoint(path: Path, state: dict) -> str:
 
 
 def load_checkpoint(path: Path, expected_sha256: str | None = None) -> dict:
+    """A training checkpoint, loaded with weights_only=True (tensors, dicts, lists, plain values):
+    a checkpoint file may come from anywhere, and loading it never runs code."""
     path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"checkpoint {path} not found; it may have been moved or deleted "
-                         "(start a new run instead of --resume)")
+    check_readable(path, TrainError, hints={errno.ENOENT: "; it may have been moved or deleted "
+                                            "(start a new run instead of --resume)"})
     if expected_sha256 and sha256_file(path) != expected_sha256:
         raise TrainError(f"checkpoint {path} does not match the sha256 in the registry: "
                          "the file was changed or is corrupt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise TrainError(f"checkpoint {path} cannot be read ({e.__class__.__name__}): corrupt or truncated") from None
+    ckpt = load_torch(path, TrainError, "training checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"checkpoint {path} is not a harness training checkpoint (format "
                          f"{ckpt.get('format') if isinstance(ckpt, dict) else '?'}, expected {CHECKPOINT_FORMAT})")
