@@ -239,13 +239,15 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def _cell(v) -> str:
+    from harness.report import visible  # names and tags stay on their line, no terminal escapes
+
     if v is None:
         return "-"
     if isinstance(v, float):
         return f"{v:.1f}"
     if isinstance(v, list):
-        return ",".join(map(str, v))
-    return str(v)
+        return visible(",".join(map(str, v)))
+    return visible(str(v))
 
 
 @runs_app.command("list")
