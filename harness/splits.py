@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import urllib.request
@@ -135,11 +136,18 @@ def _install_file(src_bytes_path: Path, dest: Path, e: SplitEntry) -> None:
     digest = sha256_file(src_bytes_path)
     if digest != e.sha256:
         raise SplitError(f"{e.name}: {src_bytes_path} has sha256 {digest[:12]}…, expected {e.sha256[:12]}…")
+    with open(src_bytes_path, "rb") as src:
+        _write_atomically(dest, lambda f: shutil.copyfileobj(src, f))
+
+
+def _write_atomically(dest: Path, write) -> None:
+    """Write `dest` through a temporary file in its folder, then rename. The file is created
+    like any other (mode 0666 & ~umask): tempfile.mkstemp would make it 0600."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-    os.close(fd)
+    tmp = dest.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{dest.name}")
     try:
-        shutil.copyfile(src_bytes_path, tmp)
+        with open(tmp, "xb") as f:
+            write(f)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -265,15 +273,12 @@ def save_generated(name: str, idx: np.ndarray, role: str, description: str,
     folder = Path(folder or generated_dir())
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.npy"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npy")
-    os.close(fd)
-    np.save(tmp, idx.astype(np.int64))
-    os.replace(tmp, path)
+    _write_atomically(path, lambda f: np.save(f, idx.astype(np.int64)))
     e = SplitEntry(name, path.name, len(idx), sha256_file(path), role, "", description)
     entries = [x for x in generated_entries(folder) if x.name != name] + [e]
     manifest = {"format": "1-D int64 .npy arrays of positions in a dataset's train set",
                 "splits": [x.__dict__ for x in entries]}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_atomically(folder / "manifest.json", lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode()))
     return e
 
 

@@ -31,7 +31,7 @@ from torch.profiler import record_function
 
 from harness.errors import HarnessError
 from harness.data import load_cifar100, sha256_file
-from harness.registry import Registry, utcnow
+from harness.registry import Registry, check_tags, utcnow
 from harness.safeio import check_readable, load_torch
 from harness.splits import load_split
 from methods.base import METHODS, MethodConfig, build_method, default_config
@@ -487,4 +487,5 @@ def make_config(method: str, split: str = "1", **overrides: Any) -> TrainConfig:
     if mc.epochs < 1 or mc.batch_size < 1:
         raise TrainError("--epochs and --batch-size must be at least 1")
     check_compile_mode(t_over.get("compile_mode", "default"))
+    check_tags(t_over.get("tags", ()), TrainError)  # before any data is loaded
     return TrainConfig(method=mc, split=normalise_split_name(split), **t_over)
