@@ -99,14 +99,15 @@ def data_prepare(
     """Put CIFAR-100 under ROOT/cifar-100-python, from exactly one source, atomically."""
     if sum([download, from_ is not None, synthetic]) != 1:
         fail("choose exactly one source: --download, --from PATH or --synthetic")
+    log = lambda m: typer.echo(m, err=True)
     if from_ is not None:
-        d = data_mod.import_folder(from_, root)
+        d = data_mod.import_folder(from_, root, log=log)
     elif synthetic:
         if per_class < 1:
             fail("--per-class must be at least 1")
-        d = data_mod.make_synthetic(root, per_class=per_class, test_per_class=test_per_class, seed=seed)
+        d = data_mod.make_synthetic(root, per_class=per_class, test_per_class=test_per_class, seed=seed, log=log)
     else:
-        d = data_mod.download(root)
+        d = data_mod.download(root, log=log)
     s = data_mod.summary(d)
     kind = "the real CIFAR-100" if s["real_cifar100"] else "not the official CIFAR-100 (digests differ)"
     typer.echo(f"prepared {data_mod.dataset_dir(root)}: {s['train_images']} train / {s['test_images']} test "
@@ -271,13 +272,15 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def _cell(v) -> str:
+    from harness.report import visible  # names and tags stay on their line, no terminal escapes
+
     if v is None:
         return "-"
     if isinstance(v, float):  # 4 significant digits: an lr of 0.0025 or a loss of -0.93 stays readable
         return f"{v:.4g}"
     if isinstance(v, list):
-        return ",".join(map(str, v))
-    return str(v)
+        return visible(",".join(map(str, v)))
+    return visible(str(v))
 
 
 @runs_app.command("list")

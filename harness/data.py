@@ -5,17 +5,22 @@ pixels and labels), never by file md5: copies without the `filenames` key are co
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
+import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.safeio import load_pickle
 
 DEFAULT_ROOT = Path("data")
 FOLDER = "cifar-100-python"
@@ -71,14 +76,9 @@ def dataset_dir(root: Path) -> Path:
 
 
 def _read_pickle(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (run `harness data prepare --root DIR` first)")
-    try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-    except Exception as e:  # truncated or corrupt pickles raise many different types
-        raise DataError(f"{path}: not a readable pickle ({e.__class__.__name__}: {e}); "
-                        "the file is truncated or corrupt, prepare the data again") from None
+    """A data pickle through the restricted unpickler: a data folder is untrusted input."""
+    d = load_pickle(path, DataError, hints={errno.ENOENT: " (run `harness data prepare --root DIR` first)"},
+                    corrupt_hint=", prepare the data again")
     if not isinstance(d, dict):
         raise DataError(f"{path}: expected a dict, found {type(d).__name__}")
     return d
@@ -124,8 +124,8 @@ def load_cifar100(root: Path = DEFAULT_ROOT, strict_sizes: bool = False) -> Cifa
         if counts.min() != counts.max():
             raise DataError(f"{folder / name}: per-class counts differ ({counts.min()} to {counts.max()}); "
                             "CIFAR-100 has equal counts per class")
-    meta = folder / "meta"
-    names = _read_pickle(meta).get("fine_label_names") if meta.exists() else None
+    meta = folder / "meta"  # optional: absent means generic class names
+    names = _read_pickle(meta).get("fine_label_names") if os.path.lexists(meta) else None
     if names is not None and len(names) != NUM_CLASSES:
         raise DataError(f"{meta}: {len(names)} fine_label_names, expected {NUM_CLASSES}")
     return CifarData(tr_x, tr_y, te_x, te_y, list(names) if names else [f"class_{i}" for i in range(NUM_CLASSES)])
@@ -150,9 +150,41 @@ def _install_atomically(build_dir: Path, dest: Path) -> None:
         os.replace(build_dir, dest)
 
 
-def _staging_dir(root: Path) -> Path:
+# A staging folder is named after its owner, .prepare-<pid>@<host>-<random>, so that a later
+# prepare can tell one left by a killed process (removed) from one still being written (kept).
+_STAGE_NAME = re.compile(r"\.prepare-(?P<pid>\d+)@(?P<host>.+)-[^-]+")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_staging(root: Path, log: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove the staging folders under `root` whose owning process (on this host) is gone."""
+    host = socket.gethostname()
+    stale = []
+    for p in sorted(Path(root).glob(".prepare-*")):
+        m = _STAGE_NAME.fullmatch(p.name)
+        if m is None or m["host"] != host or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
+            continue  # no owner recorded, another host's, or alive: never touch it
+        shutil.rmtree(p, ignore_errors=True)
+        stale.append(p)
+    if stale and log is not None:
+        log(f"removed {len(stale)} stale staging folder(s) left by interrupted prepares: "
+            + ", ".join(str(p) for p in stale))
+    return stale
+
+
+def _staging_dir(root: Path, log: Callable[[str], None] | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".prepare-", dir=root))
+    remove_stale_staging(root, log)
+    return Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}@{socket.gethostname()}-", dir=root))
 
 
 def _finish(stage: Path, root: Path) -> CifarData:
@@ -165,12 +197,13 @@ def _finish(stage: Path, root: Path) -> CifarData:
     return data
 
 
-def make_synthetic(root: Path, per_class: int = 10, test_per_class: int | None = None, seed: int = 0) -> CifarData:
+def make_synthetic(root: Path, per_class: int = 10, test_per_class: int | None = None, seed: int = 0,
+                   log: Callable[[str], None] | None = None) -> CifarData:
     """A small dataset in exactly the CIFAR-100 layout: class-dependent colours and
     stripes plus noise, so that features can tell classes apart in smoke tests."""
     rng = np.random.default_rng(seed)
     test_per_class = per_class if test_per_class is None else test_per_class
-    stage = _staging_dir(Path(root))
+    stage = _staging_dir(Path(root), log)
     try:
         (stage / FOLDER).mkdir()
         protos = rng.integers(0, 256, size=(NUM_CLASSES, 3, 1, 1)).astype(np.float32)
@@ -193,11 +226,11 @@ def make_synthetic(root: Path, per_class: int = 10, test_per_class: int | None =
     return _finish(stage, Path(root))
 
 
-def import_folder(src: Path, root: Path) -> CifarData:
+def import_folder(src: Path, root: Path, log: Callable[[str], None] | None = None) -> CifarData:
     """Copy a local `cifar-100-python` folder into root, validated by content."""
     src_dir = dataset_dir(Path(src))
     load_cifar100(src_dir, strict_sizes=True)  # fail before copying anything
-    stage = _staging_dir(Path(root))
+    stage = _staging_dir(Path(root), log)
     try:
         shutil.copytree(src_dir, stage / FOLDER)
     except BaseException:
@@ -206,11 +239,11 @@ def import_folder(src: Path, root: Path) -> CifarData:
     return _finish(stage, Path(root))
 
 
-def download(root: Path) -> CifarData:  # pragma: no cover - needs the network
+def download(root: Path, log: Callable[[str], None] | None = None) -> CifarData:  # pragma: no cover - network
     """Fetch the official archive via torchvision (which checks its md5), then validate."""
     from torchvision.datasets.utils import download_and_extract_archive
 
-    stage = _staging_dir(Path(root))
+    stage = _staging_dir(Path(root), log)
     try:
         download_and_extract_archive(OFFICIAL_URL, download_root=str(stage), md5=OFFICIAL_MD5)
         (stage / "cifar-100-python.tar.gz").unlink(missing_ok=True)

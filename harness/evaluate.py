@@ -95,15 +95,10 @@ def summarize(results: list[dict]) -> dict[str, float]:
 # -- loading -----------------------------------------------------------------------------------
 
 def _torch_load(path: Path) -> object:
-    import torch
+    """weights_only=True: a checkpoint to evaluate may come from anywhere (see harness.safeio)."""
+    from harness.safeio import load_torch
 
-    if not path.is_file():
-        raise EvalError(f"checkpoint {path} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or holding arbitrary objects
-        raise EvalError(f"{path}: cannot read as a PyTorch checkpoint "
-                        f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return load_torch(path, EvalError)
 
 
 def load_model(path: Path, fmt: str = "ours", method: str | None = None) -> tuple[torch.nn.Module, dict]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from harness.errors import HarnessError
 from methods.models import TWO_BRANCH_METHODS, ContrastiveNet, build_network
 
 BRANCH_NAMES = {"0": "dense", "1": "pruned"}
@@ -23,7 +24,7 @@ BRANCH_NAMES = {"0": "dense", "1": "pruned"}
 FILLABLE = (".mask", ".num_batches_tracked")
 
 
-class ReferenceFormatError(ValueError):
+class ReferenceFormatError(HarnessError, ValueError):
     """A checkpoint that does not fit the reference layout of the chosen method."""
 
 
@@ -107,4 +108,6 @@ def reference_network(obj: object, method: str) -> ContrastiveNet:
 
 
 def load_reference(path: Path, method: str) -> ContrastiveNet:
-    return reference_network(torch.load(path, map_location="cpu", weights_only=True), method)
+    from harness.safeio import load_torch
+
+    return reference_network(load_torch(path, ReferenceFormatError), method)

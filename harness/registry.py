@@ -78,6 +78,21 @@ def _env_seconds(name: str, default: float) -> float:
     return value
 
 
+TAG_SEPARATOR = ","  # runs.tags holds the tags joined by it
+
+
+def check_tags(tags, error: type[HarnessError] = RegistryError) -> list[str]:
+    """Tags are stored comma-joined: refuse one that would not come back as itself."""
+    tags = list(tags)
+    for t in tags:
+        if not isinstance(t, str) or not t.strip():
+            raise error(f"tag {t!r}: a tag cannot be empty")
+        if TAG_SEPARATOR in t:
+            raise error(f"tag {t!r}: a tag cannot contain a comma (tags are stored comma-separated); "
+                        "give each tag on its own (--tag a --tag b)")
+    return tags
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -516,7 +531,7 @@ class Registry:
         """A new run; with `owner`, created already leased to it (one INSERT)."""
         now, until = self._until()
         run = Run(method=method, split=split, seed=seed, epochs=epochs, config=_masked(config),
-                  tags=",".join(tags), device=device, versions=versions or {}, git_rev=git_rev,
+                  tags=TAG_SEPARATOR.join(check_tags(tags)), device=device, versions=versions or {}, git_rev=git_rev,
                   status=status, owner=owner, lease_until=until if owner else None,
                   heartbeat_at=now if owner else None)
         with self.session() as s:
@@ -718,7 +733,7 @@ def _row_dict(row: Base) -> dict:
 
 def _run_dict(run: Run) -> dict:
     d = _row_dict(run)
-    d["tags"] = [t for t in (run.tags or "").split(",") if t]
+    d["tags"] = [t for t in (run.tags or "").split(TAG_SEPARATOR) if t]
     return d
 
 

@@ -192,7 +192,49 @@ def table2_display(t2: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+# Every cell, title and note is plain text (user strings such as method and split names
+# included); each renderer puts it into its format through that format's one escape function,
+# so nothing a user named can add lines, cells, markup or commands to a report.
+
+def visible(s: str) -> str:
+    """Control and other invisible characters (newline, CR, ESC, BEL, U+2028, bidi overrides)
+    as visible escapes (\\n, \\x1b, ...): a user string stays on its line and cannot drive a terminal."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(s))
+
+
+def term_escape(s: str) -> str:
+    return visible(s)
+
+
+_MARKDOWN_SUBS = {"<": "&lt;", ">": "&gt;", "&": "&amp;",
+                  **{c: "\\" + c for c in "\\`*_[]|~#!"}}
+
+
+def markdown_escape(s: str) -> str:
+    """No raw HTML (< > & as entities), no emphasis, code, links or strikethrough, no cell breaks (|)."""
+    return "".join(_MARKDOWN_SUBS.get(ch, ch) for ch in visible(s))
+
+
+_LATEX_SUBS = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "%": r"\%",
+               "#": r"\#", "_": r"\_", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}",
+               "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
+               "±": r"$\pm$", "Δ": r"$\Delta$", DASH: "---"}
+
+
+def latex_escape(s: str) -> str:
+    """Every LaTeX special as text, one character at a time (so no replacement is escaped twice);
+    newlines are already visible escapes, so a note cannot leave its % comment."""
+    return "".join(_LATEX_SUBS.get(ch, ch) for ch in visible(s))
+
+
+def html_escape(s: str) -> str:
+    return html.escape(visible(s))
+
+
 def render_term(title: str, headers: list[str], rows: list[list[str]], notes: list[str]) -> str:
+    e = term_escape
+    title, headers, rows, notes = e(title), [e(h) for h in headers], [[e(c) for c in r] for r in rows], \
+        [e(n) for n in notes]
     widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     out = [title, line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
@@ -200,36 +242,28 @@ def render_term(title: str, headers: list[str], rows: list[list[str]], notes: li
 
 
 def render_markdown(title: str, headers: list[str], rows: list[list[str]], notes: list[str]) -> str:
-    line = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-    out = [f"**{title}**", "", line(headers), "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    e = markdown_escape
+    line = lambda cells: "| " + " | ".join(e(c) for c in cells) + " |"
+    out = [f"**{e(title)}**", "", line(headers), "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
     out += [line(r) for r in rows]
     if notes:
-        out += [""] + [f"- {n}" for n in notes]
+        out += [""] + [f"- {e(n)}" for n in notes]
     return "\n".join(out) + "\n"
 
 
-LATEX_SUBS = [("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
-              ("±", "$\\pm$"), ("Δ", "$\\Delta$"), (DASH, "---")]
-
-
-def latex_escape(s: str) -> str:
-    for a, b in LATEX_SUBS:
-        s = s.replace(a, b)
-    return s
-
-
 def render_latex(title: str, headers: list[str], rows: list[list[str]], notes: list[str]) -> str:
-    line = lambda cells: " & ".join(latex_escape(c) for c in cells) + " \\\\"
-    out = ["\\begin{table}[t]", "\\centering", f"\\caption{{{latex_escape(title)}}}",
+    e = latex_escape
+    line = lambda cells: " & ".join(e(c) for c in cells) + " \\\\"
+    out = ["\\begin{table}[t]", "\\centering", f"\\caption{{{e(title)}}}",
            "\\begin{tabular}{l" + "r" * (len(headers) - 1) + "}", "\\toprule", line(headers), "\\midrule"]
     out += [line(r) for r in rows]
     out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
-    out += [f"% {latex_escape(n)}" for n in notes]
+    out += [f"% {e(n)}" for n in notes]
     return "\n".join(out) + "\n"
 
 
 def render_html(title: str, headers: list[str], rows: list[list[str]], notes: list[str]) -> str:
-    e = html.escape
+    e = html_escape
     out = ["<table>", f"<caption>{e(title)}</caption>",
            "<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr></thead>", "<tbody>"]
     out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]

@@ -5,9 +5,11 @@ A split is a 1-D int64 .npy array of positions in a dataset's train set.
 """
 from __future__ import annotations
 
+import errno
 import json
-import re
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import urllib.request
@@ -18,6 +20,7 @@ import numpy as np
 
 from harness.data import NUM_CLASSES, sha256_file
 from harness.errors import HarnessError
+from harness.safeio import check_readable, load_npy
 
 PROJECT = Path(__file__).resolve().parents[1]
 MANIFEST = PROJECT / "splits" / "manifest.json"
@@ -107,24 +110,18 @@ def validate_indices(idx: np.ndarray, num_images: int | None, what: str) -> np.n
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise SplitError(f"{path}: not a readable .npy file ({e})") from None
+    return load_npy(path, SplitError)  # allow_pickle=False: a split file never runs code
 
 
 def load_split(name: str, root: Path | None = None, num_images: int | None = None) -> np.ndarray:
     """Indices of split `name` (a manifest name or a path to a .npy file), digest-verified."""
     if name.endswith(".npy"):
         path = Path(name)
-        if not path.is_file():
-            raise SplitError(f"{path}: file not found")
         return validate_indices(_load_npy(path), num_images, str(path))
     e, is_paper = entry(name)
     path = (resolve_root(root) if is_paper else generated_dir()) / e.file
-    if not path.is_file():
-        raise SplitError(f"split {name!r}: {path} not found; run `harness splits import DIR` "
-                         "(e.g. ../shared/splits) or `harness splits fetch`")
+    check_readable(path, SplitError, hints={errno.ENOENT: "; run `harness splits import DIR` (e.g. "
+                                            f"../shared/splits) or `harness splits fetch` to get split {name!r}"})
     digest = sha256_file(path)
     if digest != e.sha256:
         raise SplitError(f"split {name!r}: {path} has sha256 {digest[:12]}…, the manifest says "
@@ -150,11 +147,18 @@ def _install_file(src_bytes_path: Path, dest: Path, e: SplitEntry) -> None:
     digest = sha256_file(src_bytes_path)
     if digest != e.sha256:
         raise SplitError(f"{e.name}: {src_bytes_path} has sha256 {digest[:12]}…, expected {e.sha256[:12]}…")
+    with open(src_bytes_path, "rb") as src:
+        _write_atomically(dest, lambda f: shutil.copyfileobj(src, f))
+
+
+def _write_atomically(dest: Path, write) -> None:
+    """Write `dest` through a temporary file in its folder, then rename. The file is created
+    like any other (mode 0666 & ~umask): tempfile.mkstemp would make it 0600."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-    os.close(fd)
+    tmp = dest.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{dest.name}")
     try:
-        shutil.copyfile(src_bytes_path, tmp)
+        with open(tmp, "xb") as f:
+            write(f)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -281,15 +285,12 @@ def save_generated(name: str, idx: np.ndarray, role: str, description: str,
     folder = Path(folder or generated_dir())
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.npy"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npy")
-    os.close(fd)
-    np.save(tmp, idx.astype(np.int64))
-    os.replace(tmp, path)
+    _write_atomically(path, lambda f: np.save(f, idx.astype(np.int64)))
     e = SplitEntry(name, path.name, len(idx), sha256_file(path), role, "", description)
     entries = [x for x in generated_entries(folder) if x.name != name] + [e]
     manifest = {"format": "1-D int64 .npy arrays of positions in a dataset's train set",
                 "splits": [x.__dict__ for x in entries]}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_atomically(folder / "manifest.json", lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode()))
     return e
 
 

@@ -12,6 +12,7 @@ the loop saves a checkpoint, marks the run interrupted and exits.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import platform
@@ -30,7 +31,9 @@ from torch.profiler import record_function
 
 from harness.errors import HarnessError, describe_os_error
 from harness.data import load_cifar100, sha256_array, sha256_file
-from harness.registry import Heartbeat, Registry, RegistryError, RegistryUnreachable, new_owner, utcnow
+from harness.registry import (Heartbeat, Registry, RegistryError, RegistryUnreachable, check_tags, new_owner,
+                              utcnow)
+from harness.safeio import check_readable, load_torch
 from harness.splits import load_split
 from methods.base import METHODS, MethodConfig, build_method, default_config
 from methods.schedule import lr_at
@@ -144,17 +147,15 @@ def _sidecar(path: Path) -> Path:
 
 
 def load_checkpoint(path: Path, expected_sha256: str | None = None) -> dict:
+    """A training checkpoint, loaded with weights_only=True (tensors, dicts, lists, plain values):
+    a checkpoint file may come from anywhere, and loading it never runs code."""
     path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"checkpoint {path} not found; it may have been moved or deleted "
-                         "(start a new run instead of --resume)")
+    check_readable(path, TrainError, hints={errno.ENOENT: "; it may have been moved or deleted "
+                                            "(start a new run instead of --resume)"})
     if expected_sha256 and sha256_file(path) not in (expected_sha256, _sidecar_sha(path)):
         raise TrainError(f"checkpoint {path} does not match the sha256 in the registry: "
                          "the file was changed or is corrupt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise TrainError(f"checkpoint {path} cannot be read ({e.__class__.__name__}): corrupt or truncated") from None
+    ckpt = load_torch(path, TrainError, "training checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"checkpoint {path} is not a harness training checkpoint (format "
                          f"{ckpt.get('format') if isinstance(ckpt, dict) else '?'}, expected {CHECKPOINT_FORMAT})")
@@ -784,4 +785,5 @@ def make_config(method: str, split: str = "1", **overrides: Any) -> TrainConfig:
     if unknown:
         raise TrainError(f"unknown settings: {', '.join(sorted(unknown))}")
     mc = dataclasses.replace(mc, **m_over)
+    check_tags(t_over.get("tags", ()), TrainError)  # before any data is loaded
     return validate_config(TrainConfig(method=mc, split=normalise_split_name(split), **t_over))

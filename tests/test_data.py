@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from harness import data
+from harness.safeio import load_pickle  # the harness's restricted loader, even for our own files
 from tests.conftest import SHARED_CIFAR, has_real_cifar
 
 
@@ -21,7 +22,7 @@ def test_synthetic_layout_matches_cifar(synthetic_root):
     assert d.train_labels.dtype == np.int64
     assert np.bincount(d.train_labels, minlength=100).tolist() == [3] * 100
     assert len(d.class_names) == 100
-    raw = pickle.load(open(synthetic_root / "cifar-100-python" / "train", "rb"), encoding="latin1")
+    raw = load_pickle(synthetic_root / "cifar-100-python" / "train", data.DataError)
     assert raw["data"].shape == (300, 3072) and set(raw) >= {"data", "fine_labels", "coarse_labels"}
     assert not d.is_real_cifar100()
 
@@ -34,7 +35,7 @@ def test_synthetic_is_deterministic(tmp_path):
 
 def _rewrite(root, part, **changes):
     path = root / "cifar-100-python" / part
-    d = pickle.load(open(path, "rb"), encoding="latin1")
+    d = load_pickle(path, data.DataError)
     d.update(changes)
     pickle.dump(d, open(path, "wb"))
     return path
@@ -55,7 +56,7 @@ def test_truncated_pickle_is_a_clear_error(synthetic_root):
 ])
 def test_bad_content_names_file_and_problem(synthetic_root, change, message):
     path = synthetic_root / "cifar-100-python" / "train"
-    d = pickle.load(open(path, "rb"), encoding="latin1")
+    d = load_pickle(path, data.DataError)
     _rewrite(synthetic_root, "train", **change(d))
     with pytest.raises(data.DataError, match=message) as e:
         data.load_cifar100(synthetic_root)

@@ -33,7 +33,7 @@ def test_import_verify_load(tmp_path):
     assert idx.shape == (9754,) and idx.dtype == np.int64
     # corrupt one file: verify and load both say so
     path = tmp_path / splits.entry("split2")[0].file
-    arr = np.load(path)
+    arr = np.load(path, allow_pickle=False)
     arr[0] = arr[1]
     np.save(path, arr)
     assert dict(splits.verify(tmp_path))["split2"].startswith("sha256 mismatch")

@@ -60,7 +60,7 @@ def test_two_epochs_end_to_end(tiny, tmp_path, method):
 
 
 def final_state(path):
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     return ckpt["model"], ckpt["method_state"], ckpt["optimizer"]["state"]
 
 
