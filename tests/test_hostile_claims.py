@@ -29,7 +29,7 @@ def world(tmp_path, monkeypatch, any_url):
     d = data.make_synthetic(tmp_path / "data", per_class=4, test_per_class=2)
     idx = splits.make_long_tailed(d.train_labels, max_per_class=2, ratio=2, seed=0)[:40]
     splits.save_generated("tiny", idx, "pretrain", "test")
-    return MatrixSettings(methods=("simclr", "bcl-d"), splits=("tiny",), epochs=2, batch_size=16,
+    return MatrixSettings(methods=("simclr", "bcl-d"), splits=("tiny",), epochs=2, batch_size=16, width=4,
                           evaluate=False, data_root=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ck"),
                           registry=any_url, devices=("cpu",))
 
@@ -115,7 +115,7 @@ def test_three_matrices_at_once_train_each_cell_once(world):
 
 def _interrupted_run(s):
     reg = Registry(s.registry)
-    cfg = make_config("simclr", "tiny", epochs=2, batch_size=16, data_root=s.data_root,
+    cfg = make_config("simclr", "tiny", epochs=2, batch_size=16, width=4, data_root=s.data_root,
                       checkpoint_dir=s.checkpoint_dir, max_steps=1, seed=10)
     part = train(cfg, reg, progress=False)
     assert part["status"] == "interrupted"
@@ -155,7 +155,7 @@ def test_cell_claimed_elsewhere_is_skipped(world):
 
 # -- the trainer's lease ----------------------------------------------------------------------
 def _tiny_cfg(s, epochs):
-    return make_config("simclr", "tiny", epochs=epochs, batch_size=16, data_root=s.data_root,
+    return make_config("simclr", "tiny", epochs=epochs, batch_size=16, width=4, data_root=s.data_root,
                        checkpoint_dir=s.checkpoint_dir, seed=10, checkpoint_every=1000)
 
 
