@@ -638,7 +638,7 @@ class Registry:
         import pandas as pd
 
         cols = ["id", "method", "split", "seed", "epochs", "epochs_done", "status", "tags",
-                "device", "wall_time_s", "created_at", "finished_at"]
+                "device", "wall_time_s", "created_at", "finished_at", "config"]
         runs = self.list_runs(**filters)
         return pd.DataFrame([{c: r[c] for c in cols} for r in runs], columns=cols)
 

@@ -1,7 +1,7 @@
 """The paper's tables (and a few plots) from the registry's probe scores.
 
 Table 1: linear-probe top-1 per method for full-shot / 100-shot / 50-shot, mean ± std over
-runs, beside the published numbers (SPEC 8). Table 2: Many / Medium / Few / Std / All for
+runs, beside the published numbers. Table 2: Many / Medium / Few / Std / All for
 one shot. Everything below `report_command` is a pure function of DataFrames, so the
 tables are testable without a database. Only runs with status "done" are averaged in.
 
@@ -143,12 +143,30 @@ def report_notes(runs: pd.DataFrame, probes: pd.DataFrame) -> list[str]:
     if other:
         notes.append(f"Runs on splits other than the paper's ({', '.join(other)}): no published numbers beside "
                      "their methods.")
+    quick = quick_try_runs(runs[runs["status"] == "done"])
+    if quick:
+        notes.append("Runs off the paper's recipe, averaged in as they are: " + "; ".join(quick) + ".")
     sc = run_scores(dprobes)
     partial = sc[(sc["kind"] != "full") & (sc["subsets"] < 5)]
     for _, r in partial.iterrows():
         notes.append(f"Run {r['run_id']} ({r['method']}): {r['kind']}-shot averages "
                      f"{r['subsets']} of the 5 subsets.")
     return notes
+
+
+def quick_try_runs(done: pd.DataFrame) -> list[str]:
+    """'#id (width 16, 200 images of the split)' for runs made with the quick-try knobs."""
+    out = []
+    if "config" not in done:
+        return out
+    for _, r in done.iterrows():
+        cfg = r["config"] if isinstance(r["config"], dict) else {}
+        width = (cfg.get("method") or {}).get("width", 64)
+        marks = ([f"width {width}"] if width != 64 else []) + \
+                ([f"{cfg['subset']} images of the split"] if cfg.get("subset") else [])
+        if marks:
+            out.append(f"#{r['id']} ({', '.join(marks)})")
+    return out
 
 
 # -- display -------------------------------------------------------------------------------------
@@ -293,14 +311,15 @@ def table2_title(shot: str) -> str:
 
 def render_report(runs: pd.DataFrame, probes: pd.DataFrame, fmt: str = "term", shot: str = "full",
                   tables: Sequence[int] = (1, 2)) -> str:
-    """The requested tables in one format (csv: numeric blocks, each after a '# Table N' line)."""
+    """The requested tables in one format (csv: one table, tidy: one header line, then its rows)."""
+    if fmt == "csv" and len(tables) != 1:
+        raise ValueError("a CSV file holds one table")
     notes = report_notes(runs, probes)
     parts = []
     for t in tables:
         frame = table1_frame(runs, probes) if t == 1 else table2_frame(runs, probes, shot)
         if fmt == "csv":
-            head = f"# Table 1 (top-1 %)\n" if t == 1 else f"# Table 2 ({shot}-shot groups, %)\n"
-            parts.append((head if len(tables) > 1 else "") + render_csv(frame))
+            parts.append(render_csv(frame))
             continue
         headers, rows = table1_display(frame) if t == 1 else table2_display(frame)
         title = table1_title() if t == 1 else table2_title(shot)
@@ -347,7 +366,7 @@ def plot_per_class(points: pd.DataFrame, shot: str, out: Path) -> None:
         ax.plot(p["count"].clip(lower=1), trend, color=dots.get_facecolor()[0][:3], label=METHOD_LABEL.get(m, m))
     ax.set(xscale="log", xlabel="images of the class in the pretraining split",
            ylabel=f"{SHOT_LABEL[shot]} per-class accuracy (%)", title="Per-class accuracy vs class size")
-    ax.legend()
+    outside_legend(ax)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -365,34 +384,48 @@ def plot_groups(t2: pd.DataFrame, shot: str, out: Path) -> None:
         ax.bar(x + i * width, means, width, yerr=errs, capsize=3, label=METHOD_LABEL.get(r["method"], r["method"]))
     ax.set_xticks(x + width * (len(t2) - 1) / 2, ["Many", "Medium", "Few"])
     ax.set(ylabel=f"{SHOT_LABEL[shot]} accuracy (%)", title="Accuracy by class group")
-    ax.legend()
+    outside_legend(ax)  # inside, it covers the bars
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
 
+def outside_legend(ax, fontsize: float | None = None) -> None:
+    """The legend below the axes, where it never hides data."""
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(len(handles), 4),
+                  fontsize=fontsize, frameon=False)
+
+
 def plot_training(epochs: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None:
-    """Loss per epoch for every run; BCL sample-weight quantiles for runs that logged them."""
+    """Loss per epoch for every run; a second panel with the BCL sample-weight quantiles when any
+    run logged them. Epoch ticks are whole numbers; short runs get markers (one point is no line)."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    weighted = [(rid, e) for rid, e in epochs.groupby("run_id")
+                if "weight_q50" in e and e["weight_q50"].notna().any()]
+    fig, axes = plt.subplots(1, 2 if weighted else 1, figsize=(12 if weighted else 7, 4.8), squeeze=False)
+    ax1 = axes[0][0]
     label = {r["id"]: f"{METHOD_LABEL.get(r['method'], r['method'])} {r['split']} #{r['id']}"
              for _, r in runs.iterrows()}
-    weighted = []
     for run_id, e in epochs.groupby("run_id"):
-        ax1.plot(e["epoch"], e["loss"], lw=1, label=label.get(run_id, str(run_id)))
-        if "weight_q50" in e and e["weight_q50"].notna().any():
-            weighted.append((run_id, e))
+        ax1.plot(e["epoch"], e["loss"], lw=1, marker="o" if len(e) <= 20 else None, ms=3,
+                 label=label.get(run_id, str(run_id)))
     ax1.set(xlabel="epoch", ylabel="training loss", title="Loss")
-    ax1.legend(fontsize=7)
-    for run_id, e in weighted:
-        line, = ax2.plot(e["epoch"], e["weight_q50"], lw=1, label=f"{label.get(run_id, run_id)} median")
-        ax2.fill_between(e["epoch"], e["weight_q10"], e["weight_q90"], color=line.get_color(), alpha=0.15)
-        ax2.fill_between(e["epoch"], e["weight_q25"], e["weight_q75"], color=line.get_color(), alpha=0.25)
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    outside_legend(ax1, fontsize=7)
     if weighted:
-        ax2.legend(fontsize=7)
-    else:
-        ax2.text(0.5, 0.5, "no BCL weights logged", ha="center", va="center", transform=ax2.transAxes)
-    ax2.set(xlabel="epoch", ylabel="sample weight w", title="BCL weights (median, 25-75 %, 10-90 %)")
+        ax2 = axes[0][1]
+        for run_id, e in weighted:
+            line, = ax2.plot(e["epoch"], e["weight_q50"], lw=1, marker="o" if len(e) <= 20 else None, ms=3,
+                             label=f"{label.get(run_id, run_id)} median")
+            ax2.fill_between(e["epoch"], e["weight_q10"], e["weight_q90"], color=line.get_color(), alpha=0.15)
+            ax2.fill_between(e["epoch"], e["weight_q25"], e["weight_q75"], color=line.get_color(), alpha=0.25)
+        ax2.set(xlabel="epoch", ylabel="sample weight w", title="BCL weights (median, 25-75 %, 10-90 %)")
+        ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+        outside_legend(ax2, fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -429,7 +462,13 @@ def write_plots(registry, runs: pd.DataFrame, probes: pd.DataFrame, shot: str, f
         msgs.append(msg)
     points = per_class_points(dprobes, counts, shot)
     if points.empty:
-        msgs.append("per-class plot skipped: no per-class scores with known split counts")
+        have = sorted(set(dprobes["kind"]))
+        if shot not in have:
+            msgs.append(f"per-class plot skipped: no done run has {SHOT_LABEL[shot].lower()} probe scores"
+                        + (f" (they have {', '.join(SHOT_LABEL[k].lower() for k in have)}: try --shot "
+                           f"{have[0]})" if have else " (evaluate with `harness eval RUN`)"))
+        else:
+            msgs.append("per-class plot skipped: the pretraining splits' class counts could not be loaded")
     else:
         plot_per_class(points, shot, folder / f"per_class_vs_count_{shot}.png")
         msgs.append(f"wrote {folder / f'per_class_vs_count_{shot}.png'}")
@@ -452,7 +491,8 @@ def write_plots(registry, runs: pd.DataFrame, probes: pd.DataFrame, shot: str, f
 
 def report_command(
     shot: Annotated[str, typer.Option("--shot", help="Probe for Table 2 and the plots: full, 100 or 50.")] = "full",
-    fmt: Annotated[str, typer.Option("--format", help="term, markdown, csv (numbers), latex or html.")] = "term",
+    fmt: Annotated[str, typer.Option("--format", help="term, markdown, csv (numbers, one table per file), "
+                                                      "latex or html.")] = "term",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the tables to this file instead of stdout.")] = None,
     plots: Annotated[Optional[Path], typer.Option(
         "--plots", help="Folder for PNG plots: per-class accuracy vs class size, group bars, training curves.")] = None,
@@ -491,13 +531,21 @@ def report_command(
     filters = dict(method=method, split=split, epochs=epochs, tag=tag)
     reg = Registry(registry)
     runs, probes = reg.runs_frame(**filters), reg.probe_frame(**filters)
-    text = render_report(runs, probes, fmt, shot, tables)
-    if out is None:
-        typer.echo(text, nl=False)
+    if fmt == "csv" and len(tables) > 1:  # tidy CSV: one table per file
+        if out is None:
+            fail("CSV holds one table per file: give --table 1 or --table 2, or --out FILE.csv for "
+                 "FILE_table1.csv and FILE_table2.csv")
+        targets = [(t, out.with_name(f"{out.stem}_table{t}{out.suffix or '.csv'}")) for t in tables]
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)  # an OSError becomes one line in the CLI
-        out.write_text(text)
-        typer.echo(f"wrote {out}", err=True)
+        targets = [(None, out)]
+    for t, path in targets:
+        text = render_report(runs, probes, fmt, shot, (t,) if t else tables)
+        if path is None:
+            typer.echo(text, nl=False)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)  # an OSError becomes one line in the CLI
+            path.write_text(text)
+            typer.echo(f"wrote {path}", err=True)
     if fmt == "csv":  # notes stay out of the machine-readable output
         for n in report_notes(runs, probes):
             typer.echo(n, err=True)
