@@ -184,14 +184,19 @@ def matrix_world(tmp_path, monkeypatch):
             "url": f"sqlite:///{tmp_path}/r.db"}
 
 
-def test_sigterm_to_matrix_reaches_its_workers_and_none_outlives_it(matrix_world):
-    w = matrix_world
+def _matrix_training(w):
+    """A one-cell `harness run` process, once its cell has finished an epoch; and the registry."""
     p = _harness("run", "--methods", "simclr", "--splits", "mx", "--epochs", 100_000, "--batch-size", 16,
                  "--width", 4, "--no-evaluate", "--devices", "cpu", "--data-root", w["data"],
                  "--checkpoint-dir", w["tmp"] / "ck", "--registry", w["url"], "--no-progress",
                  env={splits.GENERATED_ENV_VAR: str(w["gen"])})
     reg = Registry(w["url"])
     assert _wait_for(lambda: reg.list_runs() and reg.list_runs()[0]["epochs_done"] >= 1)
+    return p, reg
+
+
+def test_sigterm_to_matrix_reaches_its_workers_and_none_outlives_it(matrix_world):
+    p, reg = _matrix_training(matrix_world)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 143, out
@@ -205,13 +210,7 @@ def test_sigterm_to_matrix_reaches_its_workers_and_none_outlives_it(matrix_world
 
 
 def test_killed_matrix_takes_its_workers_with_it(matrix_world):
-    w = matrix_world
-    p = _harness("run", "--methods", "simclr", "--splits", "mx", "--epochs", 100_000, "--batch-size", 16,
-                 "--width", 4, "--no-evaluate", "--devices", "cpu", "--data-root", w["data"],
-                 "--checkpoint-dir", w["tmp"] / "ck", "--registry", w["url"], "--no-progress",
-                 env={splits.GENERATED_ENV_VAR: str(w["gen"])})
-    reg = Registry(w["url"])
-    assert _wait_for(lambda: reg.list_runs() and reg.list_runs()[0]["epochs_done"] >= 1)
+    p, reg = _matrix_training(matrix_world)
     p.kill()  # SIGKILL: no chance to forward anything; the kernel tells the worker (PDEATHSIG)
     p.communicate(timeout=60)
     rid = reg.list_runs()[0]["id"]
