@@ -232,22 +232,20 @@ def splits_make(
     labels = d.train_labels
     ex = splits_mod.load_split(exclude, num_images=len(labels)) if exclude else None
     pool = np.setdiff1d(np.arange(len(labels)), ex) if ex is not None else np.arange(len(labels))
-    idx = splits_mod.make_long_tailed(labels, max_per_class, ratio, seed, ex)
-    made = [splits_mod.save_generated(name, idx, "pretrain", f"long tail max {max_per_class} ratio {ratio} "
-                                      f"seed {seed}", out)]
-    per_class = full_per_class or int(np.bincount(labels[pool], minlength=data_mod.NUM_CLASSES).min())
+    available = int(np.bincount(labels[pool], minlength=data_mod.NUM_CLASSES).min())
+    per_class = full_per_class or available
     same = [k for k in ks if k >= per_class]
     if same:  # every such list would be the full-shot list itself: same images, scores differing only by seed
         fail(f"{same[0]}-shot lists need fewer than the {per_class} images per class of the full-shot list, or "
-             "they are that list itself; raise --full-per-class (the data allows "
-             f"{int(np.bincount(labels[pool], minlength=data_mod.NUM_CLASSES).min())}) or lower --shots")
+             f"they are that list itself; raise --full-per-class (the data allows {available}) or lower --shots")
+    # draw every list first, write them after: a draw that fails leaves no half family behind
+    idx = splits_mod.make_long_tailed(labels, max_per_class, ratio, seed, ex)
     full = splits_mod.make_k_shot(labels, per_class, seed + 1, pool)
-    made.append(splits_mod.save_generated(f"{name}_full", full, "probe-full", f"{per_class} per class", out))
-    for k in ks:
-        for j in range(1, subsets + 1):
-            kidx = splits_mod.make_k_shot(labels, k, seed + 1000 * k + j, full)
-            made.append(splits_mod.save_generated(f"{name}_{k}shot_{j}", kidx, f"probe-{k}",
-                                                  f"{k} per class from {name}_full, list {j}", out))
+    family = [(name, idx, "pretrain", f"long tail max {max_per_class} ratio {ratio} seed {seed}"),
+              (f"{name}_full", full, "probe-full", f"{per_class} per class")]
+    family += [(f"{name}_{k}shot_{j}", splits_mod.make_k_shot(labels, k, seed + 1000 * k + j, full), f"probe-{k}",
+                f"{k} per class from {name}_full, list {j}") for k in ks for j in range(1, subsets + 1)]
+    made = [splits_mod.save_generated(n, i, role, desc, out) for n, i, role, desc in family]
     for e in made:
         typer.echo(f"{e.name:<24} {e.length:>6} indices  {e.role:<10} sha256 {e.sha256[:12]}…")
     typer.echo(f"wrote {len(made)} files and their manifest to {out}")
