@@ -292,6 +292,9 @@ def _make_engine(url: str) -> Engine:
         raise RegistryError(f"malformed registry URL {_safe(url)!r}: {mask_secrets(str(e))}. "
                             f"Use e.g. sqlite:///results/registry.db or postgresql://user@host/db") from None
     if parsed.get_backend_name() == "sqlite":
+        if parsed.query:  # the driver would ignore them silently: say so instead
+            raise RegistryError(f"registry URL {_safe(url)!r}: query parameters "
+                                f"({', '.join(sorted(parsed.query))}) are not used by SQLite; remove them")
         db = parsed.database
         if db and db != ":memory:":
             folder = Path(db).parent
@@ -329,6 +332,12 @@ class Registry:
             self._ensure_schema()
         except RegistryError:
             raise
+        except TypeError as e:  # the driver's connect() got a URL query parameter it does not know
+            if "unexpected keyword argument" not in str(e):
+                raise
+            raise RegistryError(f"registry URL {self._safe_url()!r}: the database driver does not accept "
+                                f"{str(e).split('argument', 1)[1].strip()} (a query parameter of the URL); "
+                                "remove it") from None
         except SQLAlchemyError as e:
             raise RegistryError(f"registry {self._safe_url()} is unreachable or unusable: "
                                 f"{e.__class__.__name__}: {mask_secrets(str(e).splitlines()[0])}. "

@@ -308,3 +308,19 @@ def test_bad_device_is_one_line(world, tmp_path, value):
 def test_huge_run_id_is_one_line(tmp_path):
     r = invoke("runs", "show", "9" * 30, "--registry", f"sqlite:///{tmp_path}/r.db")
     assert r.exit_code == 2 and "is not a run id" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("url, words", [
+    ("sqlite:///{tmp}/q.db?foo=bar", "query parameters (foo) are not used by SQLite"),
+    ("postgresql+pg8000://u:pw@127.0.0.1:1/x?bogus=1", "does not accept 'bogus'"),
+])
+def test_unknown_url_query_parameters_are_one_line(tmp_path, url, words):
+    r = invoke("runs", "list", "--registry", url.format(tmp=tmp_path))
+    assert r.exit_code == 1 and words in r.output and len(r.output.strip().splitlines()) == 1
+    assert "pw@" not in r.output
+
+
+def test_over_long_checkpoint_path_is_one_line(world, tmp_path):
+    r = invoke("train", "simclr", "--split", world["split"], "--data-root", world["root"], "--width", 4,
+               "--checkpoint-dir", tmp_path / ("a" * 300), "--registry", f"sqlite:///{tmp_path}/r.db")
+    assert r.exit_code == 1 and "file name is too long" in r.output and len(r.output.strip().splitlines()) == 1
