@@ -325,15 +325,6 @@ def run_matrix(s: MatrixSettings, log=print, progress: bool = True, poll_s: floa
     try:
         with forwarded_stop_signals(running) as stop:
             while queue or running:
-                while queue and free and stop["signal"] is None:
-                    r = queue.pop(0)
-                    r.device = free.pop(0)
-                    p = ctx.Process(target=_cell_process, args=(r.cell, s, r.device, os.getpid()),
-                                    name=r.cell.label())
-                    p.start()
-                    running[p] = (r, time.perf_counter())
-                if stop["signal"] is not None:
-                    queue.clear()
                 finished = [p for p in running if not p.is_alive()]
                 for p in finished:
                     r, t0 = running.pop(p)
@@ -345,6 +336,17 @@ def run_matrix(s: MatrixSettings, log=print, progress: bool = True, poll_s: floa
                         log(f"cell {r.cell.label()} is running elsewhere; skipped")
                     if r.exit_code != 0 and stop["signal"] is None:
                         log(f"cell {r.cell.label()} failed (exit {r.exit_code}); the others go on")
+                while queue and free and stop["signal"] is None:  # after the finished: the overview adds up
+                    r = queue.pop(0)
+                    r.device = free.pop(0)
+                    p = ctx.Process(target=_cell_process, args=(r.cell, s, r.device, os.getpid()),
+                                    name=r.cell.label())
+                    p.start()
+                    running[p] = (r, time.perf_counter())
+                    if stop["signal"] is not None:  # the signal came while it started: pass it on too
+                        os.kill(p.pid, signal.SIGTERM)
+                if stop["signal"] is not None:
+                    queue.clear()
                 if bar is not None and (finished or time.perf_counter() - polled >= registry_poll_s):
                     polled = time.perf_counter()
                     bar.n = min(bar.total, epochs_trained(reg, training, s) - epochs_at_start)
