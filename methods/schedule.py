@@ -6,9 +6,9 @@ Iterations are 1-based, it = 1 .. T, with W warm-up iterations (10 epochs' worth
     it >  W:  p  = (it - W) / (T - W)
               lr = final + (base - final) * (1 + cos(pi * p)) / 2     (final exactly at it = T)
 
-This is the authors' ``cosine_annealing(step, ...)`` evaluated at step = it instead of
-their 0-based step = it - 1, so the first step does not run at lr 0 and the last step
-runs at exactly ``final_lr``, as the SPEC's "cosine decay to 1e-6 at the last iteration" reads.
+The first step runs at base / W (0.0025 on split 1, where W = 10 epochs x 20 steps = 200),
+as in the authors' code (checked side by side), and the last step at exactly ``final_lr``,
+as "cosine decay to 1e-6 at the last iteration" reads.
 """
 from __future__ import annotations
 

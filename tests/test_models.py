@@ -198,10 +198,10 @@ def test_global_magnitude_prune_count_and_scope():
     kept = int(sum(m.mask.sum().item() for m in convs))
     ties = int((mags == thr).sum())
     assert kept == int((mags >= thr).sum())
-    assert n - prune_k(n, 0.9) + 1 <= kept <= n - prune_k(n, 0.9) + ties
-    assert kept - (ties - 1) <= math.ceil(0.1 * n) == 1_115_924 <= kept
+    assert n - prune_k(n, 0.9) <= kept <= n - prune_k(n, 0.9) - 1 + ties
+    assert kept - (ties - 1) <= 1_115_923 <= kept  # the authors' count for ResNet-18
     k = prune_k(n, 0.9)
-    assert (mags < thr).sum() < k <= (mags <= thr).sum()  # thr is the k-th smallest |w|
+    assert (mags < thr).sum() <= k < (mags <= thr).sum()  # thr is sorted[k] (0-based), as theirs
     # one global threshold: every kept |w| beats every dropped |w|
     kept_min = min(m.weight[m.mask == 1].abs().min().item() for m in convs)
     dropped_max = max(m.weight[m.mask == 0].abs().max().item() for m in convs)
@@ -217,7 +217,7 @@ def test_global_magnitude_prune_count_and_scope():
         bb.layer4[1].conv2.weight.mul_(1e-3)
     global_magnitude_prune(net2, 0.9)
     assert bb.layer4[1].conv2.mask.sum() == 0
-    assert int(sum(m.mask.sum().item() for m in convs)) == n - prune_k(n, 0.9) + 1
+    assert int(sum(m.mask.sum().item() for m in convs)) == n - prune_k(n, 0.9)
 
 
 def test_prune_exact_count_small_and_ties():
@@ -234,9 +234,9 @@ def test_prune_exact_count_small_and_ties():
     assert torch.cat([m.weight.abs().flatten() for m in convs]).unique().numel() == n
     global_magnitude_prune(net2, 0.9)
     kept = torch.cat([m.weight[m.mask == 1].abs() for m in convs])
-    # without ties: n - ceil(0.9 n) + 1 kept, which is ceil(0.1 n) as 10 does not divide n
-    assert kept.numel() == n - prune_k(n, 0.9) + 1 == math.ceil(0.1 * n) == 1_115_924
-    assert kept.min().item() == prune_k(n, 0.9)  # exactly the k-th smallest and above
+    # without ties: n - ceil(0.9 n) kept, the authors' 1,115,923 (an earlier rule kept one more)
+    assert kept.numel() == n - prune_k(n, 0.9) == 1_115_923
+    assert kept.min().item() == prune_k(n, 0.9) + 1  # sorted[k] (0-based) and above
     # ties at the threshold are all kept (SPEC rule |w| >= k-th smallest)
     with torch.no_grad():
         for m in convs:
