@@ -17,6 +17,7 @@ from harness.cli import app
 from harness.matrix import Cell, MatrixSettings, plan_cell, run_matrix
 from harness.registry import Registry, new_owner, utcnow
 from harness.train import TrainError, Trainer, make_config, train
+from tests import race_workers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,27 +36,14 @@ def world(tmp_path, monkeypatch, any_url):
 
 
 # -- the claim race --------------------------------------------------------------------------
-def _claim(url, barrier, out, i):
-    reg = Registry(url)
-    owner = new_owner()
-    barrier.wait()
-    out[i] = 1 if reg.claim_cell("simclr", "tiny", 10, 2, owner) else 0
-
-
-def _acquire(url, run_id, barrier, out, i):
-    reg = Registry(url)
-    barrier.wait()
-    out[i] = 1 if reg.acquire_run(run_id, new_owner()) else 0
-
-
 @pytest.mark.parametrize("target", ["cell", "run"])
 def test_claim_race_has_exactly_one_winner(any_url, target):
     reg = Registry(any_url)
     rid = reg.create_run("simclr", "tiny", 10, 2, {}, status="interrupted")
     ctx = mp.get_context("spawn")
-    n = 6
+    n = 4
     barrier, out = ctx.Barrier(n), ctx.Array("i", [-1] * n)
-    fn, args = (_claim, (any_url,)) if target == "cell" else (_acquire, (any_url, rid))
+    fn, args = (race_workers.claim, (any_url,)) if target == "cell" else (race_workers.acquire, (any_url, rid))
     procs = [ctx.Process(target=fn, args=(*args, barrier, out, i)) for i in range(n)]
     for p in procs:
         p.start()
