@@ -231,9 +231,9 @@ def test_evaluate_checkpoint_end_to_end(synthetic_setup):
     from harness.registry import Registry
     from methods.models import build_network
     tmp_path, lists = synthetic_setup
-    net = build_network("sdclr")
+    net = build_network("sdclr", width=8)  # the checkpoint's config says its width; eval rebuilds it so
     ck = tmp_path / "ck.pt"
-    torch.save({"method": "sdclr", "model": net.state_dict(), "config": {"seed": 10}, "epoch": 3,
+    torch.save({"method": "sdclr", "model": net.state_dict(), "config": {"seed": 10, "width": 8}, "epoch": 3,
                 "split": "split1"}, ck)
     reg = Registry(f"sqlite:///{tmp_path / 'reg.db'}")
     out = evaluate_checkpoint(reg, ck, tmp_path / "data", None, epochs=2, device="cpu", progress=False)
