@@ -118,6 +118,15 @@ def wait_for(pred, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def release_requeued(c: SlurmCluster) -> None:
+    """Slurm holds a requeued batch job for 121 s (BeginTime); let it start now (as an admin may)."""
+    out = c.cmd("squeue", "-h", "-r", "-t", "PENDING", "-o", "%i %r").stdout.split("\n")
+    for line in out:
+        parts = line.split()
+        if len(parts) == 2 and parts[1] == "BeginTime":
+            c.cmd("scontrol", "update", f"JobId={parts[0]}", "StartTime=now")
+
+
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
     events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals], key=lambda e: (e[0], e[1]))
     n = best = 0
@@ -225,17 +234,24 @@ def test_preempted_and_requeued_job_resumes_exactly_and_scancel_interrupts(world
     # simclr: checkpointed, requeued by submitit, resumed; requeue it once more from outside
     first = runs_of(reg, "simclr")[0]
     wait_for(lambda: len(read_attempts(tmp / "logs", Cell("simclr", "tiny", 10))) >= 1, 60, "the USR1 attempt")
-    resumed = wait_for(lambda: [r for r in runs_of(reg, "simclr") if r["status"] == "running"
-                                and (r["epochs_done"] or 0) >= (first["epochs_done"] or 0) + 1
-                                and len(read_attempts(tmp / "logs", Cell("simclr", "tiny", 10))) == 1],
-                       150, "simclr to resume after SIGUSR1")
+
+    def resumed():
+        release_requeued(c)
+        return [r for r in runs_of(reg, "simclr") if r["status"] == "running"
+                and (r["epochs_done"] or 0) >= (first["epochs_done"] or 0) + 1
+                and len(read_attempts(tmp / "logs", Cell("simclr", "tiny", 10))) == 1]
+    wait_for(resumed, 120, "simclr to resume after SIGUSR1", poll=0.5)
     assert c.cmd("scontrol", "requeue", jobs["simclr"]).returncode == 0
     # meanwhile: the run the interruptions must reproduce
-    cfg = make_config("simclr", "tiny", epochs=epochs, batch_size=16, width=4, data_root=str(tmp / "data"),
+    cfg = make_config("simclr", "tiny", epochs=epochs, batch_size=16, width=4, seed=10, data_root=str(tmp / "data"),
                       checkpoint_dir=str(tmp / "ref"))
     ref_reg = Registry(f"sqlite:///{tmp}/ref.db")
     ref = train(cfg, ref_reg, progress=False)
-    assert c.wait_idle(180), "the jobs did not end"
+
+    def ended():
+        release_requeued(c)
+        return c.wait_idle(0.5)
+    wait_for(ended, 120, "the jobs to end", poll=0.5)
     runs = runs_of(reg, "simclr")
     assert len(runs) == 1 and runs[0]["status"] == "done" and runs[0]["epochs_done"] == epochs
     assert len(reg.epochs(runs[0]["id"])) == epochs
