@@ -265,3 +265,23 @@ def test_preempted_and_requeued_job_resumes_exactly_and_scancel_interrupts(world
     b = runs_of(reg, "bcl-d")
     assert [r["status"] for r in b] == ["interrupted"] and reg.latest_checkpoint(b[0]["id"])
     assert [a["outcome"] for a in read_attempts(tmp / "logs", Cell("bcl-d", "tiny", 10))] == ["interrupted"]
+
+
+def test_cell_job_is_checkpointable_and_records_what_it_did(tmp_path, monkeypatch):
+    """No cluster: the job body outside submitit, on a cell whose data is missing (fails, recorded),
+    and its checkpoint() (a resubmission of the same call, which submitit requeues)."""
+    import submitit
+    from harness.slurm import CellJob
+    monkeypatch.setenv(splits.GENERATED_ENV_VAR, str(tmp_path / "gen"))
+    s = MatrixSettings(methods=("simclr",), splits=("nosuch",), epochs=1, width=4, evaluate=False,
+                       data_root=str(tmp_path), checkpoint_dir=str(tmp_path / "ck"), registry=f"sqlite:///{tmp_path}/r.db")
+    job = CellJob(s, str(tmp_path / "logs"))
+    assert isinstance(job, submitit.helpers.Checkpointable)
+    cell = Cell("simclr", "nosuch", 10)
+    again = job.checkpoint(cell)
+    assert isinstance(again, submitit.helpers.DelayedSubmission)
+    assert isinstance(again.function, CellJob) and again.args == (cell,)
+    with pytest.raises(Exception):
+        job(cell)
+    rec = read_attempts(tmp_path / "logs", cell)
+    assert len(rec) == 1 and rec[0]["outcome"] == "failed" and "DataError" in rec[0]["error"]
