@@ -299,21 +299,21 @@ def submit(s: MatrixSettings, ss: SlurmSettings, log: Callable[[str], None] = pr
     return todo
 
 
-def squeue_states(job_ids: list[str]) -> dict[str, str]:
-    """job id (array_task form, e.g. 12_3) -> Slurm state, for the jobs still known to squeue."""
+def squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """job id (array_task form, e.g. 12_3) -> (Slurm state, node), for the jobs squeue still knows."""
     arrays = sorted({j.split("_")[0] for j in job_ids if j})
     if not arrays:
         return {}
     try:
-        r = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i %T"], capture_output=True,
+        r = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i %T %N"], capture_output=True,
                            text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return {}
     out = {}
     for line in r.stdout.splitlines():
         parts = line.split()
-        if len(parts) == 2:
-            out[parts[0]] = parts[1]
+        if len(parts) >= 2:
+            out[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
     return out
 
 
@@ -323,7 +323,7 @@ def cell_states(s: MatrixSettings, ss: SlurmSettings, submitted: list[Submitted]
     rows = []
     for t in submitted:
         attempts = read_attempts(ss.logs, t.cell)
-        q = states.get(t.job_id or "")
+        q, q_node = states.get(t.job_id or "", (None, ""))
         status = cell_status(reg, t.cell, s)
         last = attempts[-1] if attempts else None
         if t.job_id is None:
@@ -332,6 +332,7 @@ def cell_states(s: MatrixSettings, ss: SlurmSettings, submitted: list[Submitted]
             state = "requeued" if attempts or q.startswith("REQUEUE") else "pending"
         elif q is not None:
             state = "running"
+            last = {**(last or {}), "node": q_node or "-", "cuda_visible_devices": "-"}
         elif last is None:
             state = "lost"  # gone from squeue without a record: killed hard; see the log
         elif last["outcome"] in ("failed", "interrupted"):
@@ -373,7 +374,7 @@ def wait(s: MatrixSettings, ss: SlurmSettings, submitted: list[Submitted], log: 
         for r in rows:
             if seen.get(r["cell"]) != r["state"]:
                 seen[r["cell"]] = r["state"]
-                where = f" on {r['node']} gpu {r['gpu']}" if r["state"] == "running" and r["node"] != "-" else ""
+                where = f" on {r['node']}" if r["state"] == "running" and r["node"] != "-" else ""
                 log(f"cell {r['cell']} (job {r['job']}): {r['state']}{where}")
         counts: dict[str, int] = {}
         for r in rows:

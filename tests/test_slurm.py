@@ -208,6 +208,7 @@ def test_failing_cell_is_reported_while_the_other_finishes(world):
     lines = {ln.split()[0]: ln for ln in res.output.splitlines() if ln.startswith("simclr/")}
     assert "skipped" in lines["simclr/tiny/seed10"]  # done by the first call
     assert "failed" in lines["simclr/nosuchsplit/seed10"] and "nosuchsplit" in lines["simclr/nosuchsplit/seed10"]
+    assert "cell simclr/nosuchsplit/seed10 (job " in res.output and ": failed" in res.output  # the live log
     rec = read_attempts(world["tmp"] / "logs", Cell("simclr", "nosuchsplit", 10))
     assert rec[-1]["outcome"] == "failed" and "nosuchsplit" in rec[-1]["error"]
     assert Path(rec[-1]["stderr"]).exists() and "nosuchsplit" in Path(rec[-1]["stderr"]).read_text()
