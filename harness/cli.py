@@ -516,6 +516,8 @@ def run_command(
         compile=compile, compile_mode=compile_mode, registry=registry, tags=tag or [],
         devices=tuple(d.strip() for d in devices.split(",")) if devices else ())
     matrix.check_settings(s)  # every setting once, before any cell starts
+    if executor == "local" and (not wait or allow_sqlite_on_cluster):
+        fail(f"{'--no-wait' if not wait else '--allow-sqlite-on-cluster'} is for --executor slurm")
     if executor == "slurm":
         from harness import slurm
         ss = slurm.SlurmSettings(

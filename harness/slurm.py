@@ -77,8 +77,17 @@ def parse_extra(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise SlurmError("--executor slurm needs submitit: pip install 'bcl-harness[slurm]'") from None
+    return submitit
+
+
 def check_cluster_settings(s: MatrixSettings, ss: SlurmSettings, allow_sqlite: bool = False) -> None:
     """Refuse what cannot work on a cluster, before anything is submitted."""
+    _submitit()
     url = resolve_url(s.registry)
     if url.startswith("sqlite") and not allow_sqlite:
         raise SlurmError(f"--executor slurm with an SQLite registry: {SQLITE_RISK}; or pass "
@@ -278,7 +287,7 @@ def plan(s: MatrixSettings) -> list[Submitted]:
 
 def submit(s: MatrixSettings, ss: SlurmSettings, log: Callable[[str], None] = print) -> list[Submitted]:
     """Submit one array job for every cell that is not done or running elsewhere."""
-    import submitit
+    submitit = _submitit()
     s = absolute_settings(s)
     logs = str(Path(ss.logs).resolve())
     todo = plan(s)
@@ -290,8 +299,11 @@ def submit(s: MatrixSettings, ss: SlurmSettings, log: Callable[[str], None] = pr
     ex.update_parameters(**executor_parameters(ss))
     try:
         jobs = ex.map_array(CellJob(s, logs), [t.cell for t in work])
-    except (subprocess.CalledProcessError, FileNotFoundError, OSError) as e:
-        raise SlurmError(f"sbatch failed: {mask_secrets(str(getattr(e, 'output', None) or e))}") from None
+    except Exception as e:  # noqa: BLE001 - submitit raises FailedJobError with sbatch's stderr, or OSError
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "sbatch: error" in ln), lines[-1] if lines else e.__class__.__name__)
+        raise SlurmError(f"sbatch failed: {mask_secrets(why)} (check --slurm-partition, --slurm-account, "
+                         "--slurm-qos, --slurm-extra; `harness run ... --dry-run` shows the #SBATCH lines)") from None
     for t, job in zip(work, jobs):
         t.job_id = job.job_id
     log(f"submitted array job {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks, at most "

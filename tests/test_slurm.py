@@ -200,6 +200,8 @@ def test_matrix_submitted_twice_trains_each_cell_once(world):
 
 
 def test_failing_cell_is_reported_while_the_other_finishes(world):
+    res = harness("--methods", "simclr", "--epochs", "1", *world["args"], "--slurm-partition", "nosuch")
+    assert res.exit_code == 1 and "sbatch failed" in res.output and "partition" in res.output.lower(), res.output
     assert harness("--methods", "simclr", "--epochs", "1", *world["args"]).exit_code == 0
     res = harness("--methods", "simclr", "--epochs", "1",
                   *[a if a != "tiny" else "tiny,nosuchsplit" for a in world["args"]])
