@@ -356,7 +356,7 @@ def cell_states(s: MatrixSettings, ss: SlurmSettings, submitted: list[Submitted]
         rows.append({"cell": t.cell.label(), "job": t.job_id or "-", "state": state,
                      "run status": status or "-", "node": last["node"] if last else "-",
                      "gpu": last.get("cuda_visible_devices") if last else "-",
-                     "attempts": len(attempts), "error": (last or {}).get("error") or "",
+                     "attempts": len(attempts), "error": ((last or {}).get("error") or "")[:80],
                      "log": (last or {}).get("stdout") or ""})
     return rows
 
