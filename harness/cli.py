@@ -470,12 +470,38 @@ def run_command(
     checkpoint_dir: Annotated[Path, typer.Option(help="Where checkpoints go.")] = Path("checkpoints"),
     registry: RegistryOpt = None,
     progress: Annotated[bool, typer.Option(help="Show the overview bar.")] = True,
+    executor: Annotated[str, typer.Option(help="Where cells run: local (processes on this machine, one per "
+                                          "device) or slurm (one job per cell in a Slurm job array, one GPU "
+                                          "each).", callback=_executor_name)] = "local",
+    slurm_logs: Annotated[Path, typer.Option(help="Slurm: folder for the jobs' logs and records (shared).")]
+    = Path("slurm-logs"),
+    slurm_partition: Annotated[Optional[str], typer.Option(help="Slurm: partition.")] = None,
+    slurm_account: Annotated[Optional[str], typer.Option(help="Slurm: account.")] = None,
+    slurm_qos: Annotated[Optional[str], typer.Option(help="Slurm: quality of service.")] = None,
+    slurm_time: Annotated[int, typer.Option(help="Slurm: time limit per job in minutes; a job reaching it "
+                                            "checkpoints and is requeued.")] = 24 * 60,
+    slurm_constraint: Annotated[Optional[str], typer.Option(help="Slurm: node constraint (features).")] = None,
+    slurm_cpus: Annotated[int, typer.Option(help="Slurm: CPUs per job.")] = 8,
+    slurm_mem_gb: Annotated[Optional[float], typer.Option(help="Slurm: memory per job in GB "
+                                                          "(default: the partition's).")] = None,
+    slurm_array_parallelism: Annotated[int, typer.Option(help="Slurm: at most this many jobs at once.")] = 32,
+    slurm_signal_s: Annotated[int, typer.Option(help="Slurm: SIGUSR1 this many seconds before the time limit "
+                                                "(the job checkpoints and requeues itself).")] = 300,
+    slurm_extra: Annotated[Optional[list[str]], typer.Option(help="Slurm: another sbatch option as KEY=VALUE "
+                                                             "(repeatable), e.g. mail-type=END.")] = None,
+    wait: Annotated[bool, typer.Option(help="Slurm: wait for the jobs, showing each cell's state; "
+                                       "--no-wait submits and returns.")] = True,
+    allow_sqlite_on_cluster: Annotated[bool, typer.Option(
+        "--allow-sqlite-on-cluster", help="Slurm: accept an SQLite registry. Risky: SQLite needs file locks, "
+        "which network file systems (NFS) do not provide reliably, so jobs on several nodes can corrupt it "
+        "or train a cell twice; only for jobs that all see a local file.")] = False,
 ) -> None:
     """Train and evaluate every (method, split, seed) cell of a run matrix.
 
     Cells already done in the registry are skipped and interrupted ones resumed;
     one cell runs per GPU at a time; a failed cell is recorded and the others go
-    on. Ends with a summary table.
+    on. Ends with a summary table. With --executor slurm every cell left to do
+    is one job of a Slurm job array; the registry still decides what runs.
     """
     from harness import matrix
     from harness.evaluate import parse_shots
@@ -490,6 +516,18 @@ def run_command(
         compile=compile, compile_mode=compile_mode, registry=registry, tags=tag or [],
         devices=tuple(d.strip() for d in devices.split(",")) if devices else ())
     matrix.check_settings(s)  # every setting once, before any cell starts
+    if executor == "local" and (not wait or allow_sqlite_on_cluster):
+        fail(f"{'--no-wait' if not wait else '--allow-sqlite-on-cluster'} is for --executor slurm")
+    if executor == "slurm":
+        from harness import slurm
+        ss = slurm.SlurmSettings(
+            logs=str(slurm_logs), partition=slurm_partition, account=slurm_account, qos=slurm_qos,
+            time_min=slurm_time, constraint=slurm_constraint, cpus_per_job=slurm_cpus, mem_gb=slurm_mem_gb,
+            array_parallelism=slurm_array_parallelism, signal_s=slurm_signal_s,
+            extra=slurm.parse_extra(slurm_extra))
+        slurm.check_cluster_settings(s, ss, allow_sqlite=allow_sqlite_on_cluster)
+        _run_on_slurm(s, ss, dry_run=dry_run, wait=wait)
+        return
     reg = open_registry(registry)
     if dry_run:
         rows = [{"cell": c.label(), "action": action, "run": run_id,
@@ -510,6 +548,42 @@ def run_command(
     failed = [r for r in results if r.exit_code not in (0, None)]
     if failed:
         fail(f"{len(failed)} of {len(results)} cells failed: {', '.join(r.cell.label() for r in failed)}")
+
+
+def _executor_name(value: str) -> str:
+    if value not in ("local", "slurm"):
+        raise typer.BadParameter(f"{value!r}: choose local or slurm")
+    return value
+
+
+def _run_on_slurm(s, ss, dry_run: bool, wait: bool) -> None:
+    from harness import matrix, slurm
+
+    reg = open_registry(s.registry)
+    if dry_run:
+        rows = [{"cell": c.label(), "action": action, "run": run_id,
+                 "epochs to train": matrix.epochs_to_train(reg, action, run_id, s.target_epochs(c.method)),
+                 "submitted": "no" if action in ("skip", matrix.ELSEWHERE) else "yes"}
+                for c in matrix.cells_of(s) for action, run_id in [matrix.plan_cell(reg, c, s)]]
+        typer.echo(format_table(rows, ["cell", "action", "run", "epochs to train", "submitted"]))
+        n = sum(1 for r in rows if r["submitted"] == "yes")
+        typer.echo(f"\nSlurm parameters (submitit SlurmExecutor.update_parameters), one array of {n} job(s):")
+        typer.echo(json.dumps(slurm.executor_parameters(ss), indent=2, sort_keys=True))
+        typer.echo("\nsbatch header:")
+        typer.echo(slurm.sbatch_header(ss, n))
+        return
+    submitted = slurm.submit(s, ss, log=lambda m: typer.echo(m, err=True))
+    if not any(t.job_id for t in submitted):
+        return
+    if not wait:
+        typer.echo("submitted; `harness runs list` shows progress, and the same command again (with --dry-run "
+                   "to look only) resumes or skips each cell")
+        return
+    rows = slurm.wait(s, ss, submitted, log=lambda m: typer.echo(m, err=True), poll_s=slurm.poll_seconds())
+    typer.echo(format_table(rows, ["cell", "job", "state", "run status", "node", "gpu", "attempts", "error"]))
+    bad = [r["cell"] for r in rows if r["state"] in ("failed", "lost", "interrupted")]
+    if bad:
+        fail(f"{len(bad)} of {len(rows)} cells did not finish: {', '.join(bad)} (their logs: {ss.logs})")
 
 
 # -- bench -----------------------------------------------------------------------------------

@@ -566,6 +566,8 @@ class Trainer:
         """Run (the rest of) the current epoch; False if stopped early by a signal or max_steps."""
         t0 = time.perf_counter()
         if self.step_in_epoch == 0:
+            if self._should_stop(interrupt):  # before this epoch's order is drawn: a resume draws it
+                return False
             self.method.on_epoch_start(self.epoch)
             self.perm = torch.randperm(self.n, generator=self.order_gen)
             self.loss_sum = torch.zeros((), device=self.device)
@@ -574,8 +576,7 @@ class Trainer:
         perm = self.perm.to(self.device)
         self.method.net.train()
         while self.step_in_epoch < self.steps_per_epoch:
-            if (interrupt and interrupt["stop"]) or self._lease_lost() or (
-                    self.cfg.max_steps is not None and self.steps_this_call >= self.cfg.max_steps):
+            if self._should_stop(interrupt):
                 spent = self._sync_time(t0)
                 self.wall_time += spent
                 self.epoch_elapsed += spent
@@ -589,6 +590,10 @@ class Trainer:
                 bar.update(1)
         self._end_epoch(t0, bar)
         return True
+
+    def _should_stop(self, interrupt: dict | None) -> bool:
+        return bool((interrupt and interrupt["stop"]) or self._lease_lost() or (
+            self.cfg.max_steps is not None and self.steps_this_call >= self.cfg.max_steps))
 
     def _check_finite(self) -> None:
         """Raise DivergedError naming the first non-finite step loss of this epoch (one device sync)."""

@@ -96,6 +96,17 @@ def test_resume_mid_epoch_is_exact(tiny, tmp_path, width):
     assert losses(full["run_id"]) == losses(rest["run_id"])
 
 
+def test_stop_at_an_epoch_boundary_resumes_exactly(tiny, tmp_path):
+    """A stop that lands between epochs (a signal, or max_steps = whole epochs: 48 images, 3 steps
+    each) must not draw the next epoch's order before checkpointing: the resume draws it."""
+    reg = Registry(f"sqlite:///{tmp_path}/r.db")
+    full = train(config(tiny, "simclr", tmp_path / "a", epochs=3), reg, progress=False)
+    part = train(config(tiny, "simclr", tmp_path / "b", epochs=3, max_steps=3), reg, progress=False)
+    assert part["status"] == "interrupted" and part["epochs_done"] == 1
+    rest = train(config(tiny, "simclr", tmp_path / "b", epochs=3), reg, resume=part["run_id"], progress=False)
+    assert_same(final_state(full["checkpoint"]), final_state(rest["checkpoint"]))
+
+
 def test_ctrl_c_saves_and_marks_interrupted(tiny, tmp_path):
     reg = Registry(f"sqlite:///{tmp_path}/r.db")
     trainer = Trainer(config(tiny, "simclr", tmp_path, epochs=50), reg, progress=False)
