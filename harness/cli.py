@@ -19,6 +19,7 @@ from harness import data as data_mod
 from harness import splits as splits_mod
 from harness.errors import HarnessError, mask_secrets, user_message
 from harness.registry import ENV_VAR as REGISTRY_ENV, Registry, to_json
+from harness.signals import stop_exit_code
 
 
 class HarnessGroup(TyperGroup):
@@ -421,13 +422,7 @@ def train_command(
         if registry and mask_secrets(registry) == registry:  # a URL with a password stays out of the hint
             hint += f" --registry {registry}"
         typer.echo(f"{how}; continue with: {hint}")
-        raise typer.Exit(128 + signal_number(result.get("signal")))
-
-
-def signal_number(name: str | None) -> int:
-    """The shell's convention for a stop by signal N is exit 128 + N; Ctrl-C (and --max-steps) 130."""
-    import signal
-    return getattr(signal, name, signal.SIGINT).value if name else signal.SIGINT.value
+        raise typer.Exit(stop_exit_code(result.get("signal")))
 
 
 # -- eval and report ----------------------------------------------------------------------------

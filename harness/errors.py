@@ -64,8 +64,7 @@ def user_message(e: BaseException) -> str | None:
         from sqlalchemy.exc import DBAPIError, OperationalError
     except ImportError:  # pragma: no cover
         return None
-    if isinstance(e, (OperationalError, DBAPIError)) and getattr(e, "connection_invalidated", False) \
-            or isinstance(e, OperationalError):
+    if isinstance(e, OperationalError) or (isinstance(e, DBAPIError) and e.connection_invalidated):
         first = str(getattr(e, "orig", e)).strip().splitlines()
         return mask_secrets(f"the registry is unreachable ({first[0] if first else e.__class__.__name__}); "
                             "check that the database server is up and the URL is right")

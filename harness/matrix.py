@@ -28,6 +28,7 @@ from typing import Iterator
 
 from harness.errors import HarnessError, mask_secrets
 from harness.registry import Heartbeat, Registry, RegistryError, new_owner, utcnow
+from harness.signals import STOP_SIGNALS, stop_exit_code
 
 RESUMABLE = ("interrupted", "failed", "running")
 ELSEWHERE = "running elsewhere"  # the action of a cell a live process elsewhere works on
@@ -105,7 +106,7 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
 def check_settings(s: MatrixSettings) -> None:
     """Refuse a bad matrix before any cell starts: methods, every cell's recipe, devices, probes."""
     from methods.base import METHODS
-    from harness.train import TrainError, check_device_name, make_config, resolve_device
+    from harness.train import TrainError, make_config, resolve_device
 
     unknown = [m for m in s.methods if m not in METHODS]
     if unknown:
@@ -115,7 +116,7 @@ def check_settings(s: MatrixSettings) -> None:
                     precision=s.precision, compile_mode=s.compile_mode, checkpoint_every=s.checkpoint_every)
     for d in s.devices:
         try:
-            resolve_device(check_device_name(d))
+            resolve_device(d)  # a name torch knows, of a device this machine has
         except TrainError as e:
             raise MatrixError(f"--devices: {e}") from None
     if s.evaluate and s.probe_epochs < 1:
@@ -207,7 +208,7 @@ def _run_claimed_cell(reg: Registry, cell: Cell, s: MatrixSettings, device: str,
                 return ELSEWHERE
             run_id = out["run_id"]
             if out["status"] != "done":  # stopped by a signal: checkpointed, the next matrix resumes it
-                raise SystemExit(128 + getattr(signal, out.get("signal") or "SIGINT", signal.SIGINT).value)
+                raise SystemExit(stop_exit_code(out.get("signal")))
         if s.evaluate and action != "skip":
             evaluate_run(reg, run_id, Path(s.data_root), Path(s.splits_root) if s.splits_root else None,
                          shots=s.shots, epochs=s.probe_epochs, device=device, progress=False,
@@ -283,7 +284,7 @@ def forwarded_stop_signals(running: dict) -> Iterator[dict]:
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    old = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield flag
     finally:
@@ -296,7 +297,7 @@ class MatrixStopped(HarnessError):
 
     def __init__(self, sig: str, results: list):
         self.signal, self.results = sig, results
-        self.exit_code = 128 + getattr(signal, sig, signal.SIGINT).value
+        self.exit_code = stop_exit_code(sig)
         stopped = sum(1 for r in results if r.exit_code not in (0, None))
         super().__init__(f"stopped by {sig}: {stopped} running cell(s) checkpointed and marked interrupted; "
                          "run the same command again to resume them")

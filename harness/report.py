@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import io
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional, Sequence
 

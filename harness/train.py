@@ -34,6 +34,7 @@ from harness.data import load_cifar100, sha256_array, sha256_file
 from harness.registry import (Heartbeat, Registry, RegistryError, RegistryUnreachable, check_tags, new_owner,
                               utcnow)
 from harness.safeio import check_readable, load_torch
+from harness.signals import STOP_SIGNALS
 from harness.splits import load_split
 from methods.base import METHODS, MethodConfig, build_method, default_config
 from methods.schedule import lr_at
@@ -96,8 +97,12 @@ def resolve_device(name: str) -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise TrainError(f"--precision {precision!r}: choose bf16 or fp32")
+    return check_precision(precision)
+
+
+def check_precision(precision: str) -> str:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise TrainError(f"--precision {precision!r}: choose auto, bf16 or fp32")
     return precision
 
 
@@ -222,11 +227,6 @@ def knn_monitor(net, bank_images, bank_labels, query_images, query_labels, preci
 
 
 # -- the loop ---------------------------------------------------------------------------------
-
-# Ctrl-C, and how schedulers stop jobs: SIGTERM (kill, scancel, pre-emption) and SIGUSR1 (Slurm's
-# warning before a time limit, with `--signal=USR1@T`)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
 
 @contextmanager
 def deferred_interrupt() -> Iterator[dict]:
@@ -436,7 +436,7 @@ class Trainer:
             raise TrainError(f"checkpoint was trained on {ckpt['num_samples']} images, split "
                              f"{self.cfg.split!r} has {self.n}: wrong split or data")
         if ckpt.get("split_sha256") not in (None, self.split_sha256):
-            raise TrainError(f"split {self.cfg.split!r} changed since run {self.run_id if hasattr(self, 'run_id') else ''} "
+            raise TrainError(f"split {self.cfg.split!r} changed since run {self.run_id} "
                              f"started (its indices' sha256 was {ckpt['split_sha256'][:12]}…, now "
                              f"{self.split_sha256[:12]}…): resuming would train on other images; restore the "
                              "split file or start a new run")
@@ -757,8 +757,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
            for name, ok, what in checks if not ok(getattr(obj, name))]
     if bad:
         raise TrainError("invalid settings: " + "; ".join(bad))
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise TrainError(f"--precision {cfg.precision!r}: choose auto, bf16 or fp32")
+    check_precision(cfg.precision)
     check_device_name(cfg.device)
     check_compile_mode(cfg.compile_mode)
     return cfg
