@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import click
 import numpy as np
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from harness import data as data_mod
 from harness import splits as splits_mod
@@ -38,9 +38,34 @@ class HarnessGroup(TyperGroup):
             ctx.exit(getattr(e, "exit_code", 1))
 
 
-app = typer.Typer(cls=HarnessGroup, 
+class MethodListHelp(TyperCommand):
+    """A command whose help names the registered methods: "{methods}" (all) and "{paper_methods}" (the
+    paper's four) in its texts are filled in when the help is shown, not when the CLI loads (the method
+    modules load torch, which `harness --help` must not pay for)."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.help = fill_method_lists(self.help)
+        for p in self.params:
+            if getattr(p, "help", None):
+                p.help = fill_method_lists(p.help)
+        return super().format_help(ctx, formatter)
+
+
+def fill_method_lists(text: str | None) -> str | None:
+    if not text or "{methods}" not in text and "{paper_methods}" not in text:
+        return text
+    from methods import registry
+    try:
+        every, paper = ", ".join(registry.names()), ",".join(registry.paper_names())
+    except HarnessError as e:  # a broken method plugin: the help still shows, and says why
+        every = paper = f"(the method registry could not load: {e})"
+    return text.replace("{methods}", every).replace("{paper_methods}", paper)
+
+
+app = typer.Typer(cls=HarnessGroup,
     help="Benchmark harness for self-supervised learning on long-tailed data: SimCLR, SDCLR, "
-         "BCL-I and BCL-D on CIFAR-100-LT, linear probes, a result registry and the paper's tables.",
+         "BCL-I, BCL-D and any registered method on CIFAR-100-LT, linear probes, a result registry "
+         "and the paper's tables.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Obtain, validate and inspect CIFAR-100 (python pickle layout).", no_args_is_help=True)
 splits_app = typer.Typer(help="The paper's index splits: fetch, import, verify, show; make new ones.",
@@ -276,7 +301,8 @@ def _cell(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):  # 4 significant digits: an lr of 0.0025 or a loss of -0.93 stays readable
-        return f"{v:.4g}"
+        text = f"{v:.4g}"
+        return "0" if text == "-0" else text  # a negative zero is no negative loss
     if isinstance(v, list):
         return visible(",".join(map(str, v)))
     return visible(str(v))
@@ -348,9 +374,15 @@ def runs_delete(run_id: RunIdArg,
 
 # -- train -----------------------------------------------------------------------------------
 
-@app.command("train")
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="NAME=VALUE", help="A method's own option (repeatable), typed and checked against its "
+    "config, e.g. --set temperature=0.5; recorded with the run and marked in reports as a departure from "
+    "the paper's recipe. `harness methods` lists each method's options.")]
+
+
+@app.command("train", cls=MethodListHelp)
 def train_command(
-    method: Annotated[str, typer.Argument(help="simclr, sdclr, bcl-i or bcl-d.")],
+    method: Annotated[str, typer.Argument(help="Method: {methods}.")],
     split: Annotated[Optional[str], typer.Option("--split", help="Pretraining split: 1-5 (the paper's), a "
                                                  "generated split name, or a .npy file (default: 1).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (paper: 2000).")] = None,
@@ -380,6 +412,7 @@ def train_command(
                                                   "its checkpoint stopped, with its own recipe, data and "
                                                   "split folders.")] = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="Tag the run (repeatable).")] = None,
+    set_: SetOpt = None,
     data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Dataset folder (default: data; "
                                                       "a resumed run reuses its own).")] = None,
     splits_root: SplitsRootOpt = None,
@@ -396,6 +429,7 @@ def train_command(
     checkpoint and mark the run interrupted; --resume ID continues it exactly.
     """
     from harness.train import make_config, normalise_split_name, train
+    from methods import registry as methods_registry
 
     paths = dict(data_root=str(data_root) if data_root else None,
                  splits_root=str(splits_root) if splits_root else None,
@@ -406,12 +440,14 @@ def train_command(
                    monitor_every=monitor_every, max_steps=max_steps, **paths)
     reg = open_registry(registry)
     if resume is None:
-        cfg = make_config(method, split or "1", precision=precision, tags=tag or [], **recipe, **runtime)
+        cfg = make_config(method, split or "1", options=set_, precision=precision, tags=tag or [], **recipe,
+                          **runtime)
         result = train(cfg, reg, progress=progress)
     else:  # only what was given on the command line is compared with (or changes) the run's settings
+        options = methods_registry.parse_options(method, set_ or ()) if set_ else {}
         asked = {k: v for k, v in {**recipe, "name": method.lower(), "precision": None if precision == "auto"
                                    else precision, "split": normalise_split_name(split) if split else None,
-                                   **runtime}.items() if v is not None}
+                                   **options, **runtime}.items() if v is not None}
         result = train(None, reg, resume=resume, progress=progress, asked=asked)
     typer.echo(f"run {result['run_id']}: {result['status']} after {result['epochs_done']} epochs; "
                f"checkpoint {result['checkpoint']}")
@@ -432,15 +468,35 @@ def train_command(
 from harness.evaluate import eval_command  # noqa: E402
 from harness.report import report_command  # noqa: E402
 
-app.command("eval")(eval_command)
-app.command("report")(report_command)
+app.command("eval", cls=MethodListHelp)(eval_command)
+app.command("report", cls=MethodListHelp)(report_command)
+
+
+@app.command("methods")
+def methods_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the registered methods: name, report name, base, options and where each comes from.
+
+    Methods come from methods/*.py and from the `harness.methods` entry points of installed
+    packages. An option is set with `harness train NAME --set OPTION=VALUE`; the values shown
+    are the paper's recipe.
+    """
+    from methods import registry
+
+    rows = [{"method": e.name, "report name": e.display_name, "BCL of": e.base, "paper": "yes" if e.paper else "",
+             "options (paper values)": ", ".join(f"{k}={v}" for k, v in e.options().items()), "from": e.source}
+            for e in registry.ordered()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        typer.echo(format_table(rows, list(rows[0]) if rows else ["method"]))
 
 
 # -- the run matrix ----------------------------------------------------------------------------
 
-@app.command("run")
+@app.command("run", cls=MethodListHelp)
 def run_command(
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "simclr,sdclr,bcl-i,bcl-d",
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods, of {methods} (default: the "
+                                                   "paper's {paper_methods}).")] = None,
     splits: Annotated[str, typer.Option(help="Pretraining splits: '1-5', '1,3', or generated split names.")] = "1-5",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (paper: 10).")] = "10",
     epochs: Annotated[Optional[int], typer.Option(help="Epochs per run (paper: 2000).")] = None,
@@ -459,6 +515,9 @@ def run_command(
     compile_mode: CompileModeOpt = "default",
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N epochs.")] = 50,
     tag: Annotated[Optional[list[str]], typer.Option(help="Tag every run (repeatable).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="NAME=VALUE", help="A method option (repeatable), given to every listed method that "
+        "has it (an error if none has); recorded with each run and marked in reports.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would run, and do nothing.")] = False,
     data_root: DataFolderOpt = data_mod.DEFAULT_ROOT,
     splits_root: SplitsRootOpt = None,
@@ -500,16 +559,18 @@ def run_command(
     """
     from harness import matrix
     from harness.evaluate import parse_shots
+    from methods import registry as methods_registry
 
+    names = methods_registry.paper_names() if methods is None else [m for m in methods.split(",") if m.strip()]
     s = matrix.MatrixSettings(
-        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), splits=matrix.parse_splits(splits),
+        methods=tuple(m.strip().lower() for m in names), splits=matrix.parse_splits(splits),
         seeds=matrix.parse_ints(seeds, "seeds"), epochs=epochs, batch_size=batch_size, width=width,
         evaluate=evaluate,
         shots=parse_shots(shots), probe_epochs=probe_epochs, probe_family=probe_family,
         data_root=str(data_root), splits_root=str(splits_root) if splits_root else None,
         checkpoint_dir=str(checkpoint_dir), checkpoint_every=checkpoint_every, precision=precision,
         compile=compile, compile_mode=compile_mode, registry=registry, tags=tag or [],
-        devices=tuple(d.strip() for d in devices.split(",")) if devices else ())
+        devices=tuple(d.strip() for d in devices.split(",")) if devices else (), options=tuple(set_ or ()))
     matrix.check_settings(s)  # every setting once, before any cell starts
     if executor == "local" and (not wait or allow_sqlite_on_cluster):
         fail(f"{'--no-wait' if not wait else '--allow-sqlite-on-cluster'} is for --executor slurm")
@@ -583,9 +644,10 @@ def _run_on_slurm(s, ss, dry_run: bool, wait: bool) -> None:
 
 # -- bench -----------------------------------------------------------------------------------
 
-@app.command("bench")
+@app.command("bench", cls=MethodListHelp)
 def bench_command(
-    methods: Annotated[str, typer.Option(help="Comma-separated methods to time.")] = "simclr,sdclr,bcl-i,bcl-d",
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods to time, of {methods} "
+                                                   "(default: the paper's {paper_methods}).")] = None,
     split: Annotated[str, typer.Option(help="Pretraining split to time on.")] = "1",
     data_root: DataFolderOpt = data_mod.DEFAULT_ROOT,
     splits_root: SplitsRootOpt = None,
@@ -612,7 +674,12 @@ def bench_command(
     device it runs tiny settings and says so.
     """
     from harness.bench import BenchSettings, format_bench, run_bench, write_json
-    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    from methods import registry as methods_registry
+
+    names = tuple(methods_registry.paper_names() if methods is None else
+                  [m.strip().lower() for m in methods.split(",") if m.strip()])
+    for name in names:
+        methods_registry.get(name)  # an unknown name: one line listing the registered ones
     s = BenchSettings(methods=names, split=split, data_root=str(data_root),
                       splits_root=str(splits_root) if splits_root else None, device=device,
                       precision=precision, compile=compile, compile_mode=compile_mode, batch_size=batch_size,

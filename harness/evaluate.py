@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # annotations only; the real imports are deferred (see the mo
 SHOT_KINDS = ("full", "100", "50")
 FEW_SHOT_SUBSETS = (1, 2, 3, 4, 5)
 FORMATS = ("ours", "reference")
-METHODS = ("simclr", "sdclr", "bcl-i", "bcl-d")
+REFERENCE_METHODS = ("simclr", "sdclr", "bcl-i", "bcl-d")  # the methods of the authors' code (their layouts)
 SEED_OFFSET = {"full": 0, "100": 100, "50": 200}  # distinct probe seeds per (kind, subset)
 
 
@@ -101,19 +101,43 @@ def _torch_load(path: Path) -> object:
     return load_torch(path, EvalError)
 
 
+def probed_network(method: str, config: dict, num_samples: int = 1) -> torch.nn.Module:
+    """The network that `method` (from the method registry) probes, built from a checkpoint's recorded
+    config (missing fields: the method's paper values), on the CPU."""
+    from methods.base import build_method
+    from methods.registry import MethodError, get
+
+    try:
+        entry = get(method)
+    except MethodError as e:
+        raise EvalError(f"the checkpoint's method is not registered here: {e} (install the package that "
+                        "provides it)") from None
+    width = config.get("width", 64)
+    config = {**config, "width": width if isinstance(width, int) and not isinstance(width, bool) and width > 0
+              else 64}
+    try:
+        cfg = entry.config_from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise EvalError(f"the checkpoint's {method} config cannot be read: {e}") from None
+    return build_method(entry.name, cfg, num_samples=max(int(num_samples or 1), 1), device="cpu").probed_network()
+
+
 def load_model(path: Path, fmt: str = "ours", method: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """The network and what the file says about itself (method, split, epoch, config)."""
+    """The probed network and what the file says about itself (method, split, epoch, config)."""
     import torch
 
     from harness.reference import ReferenceFormatError, reference_network
-    from methods.models import build_network
+    from harness.train import state_mismatch
 
     path = Path(path)
     if fmt not in FORMATS:
         raise EvalError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     if fmt == "reference":
         if method is None:
-            raise EvalError("--format reference needs --method (one of " + ", ".join(METHODS) + ")")
+            raise EvalError("--format reference needs --method (one of " + ", ".join(REFERENCE_METHODS) + ")")
+        if method not in REFERENCE_METHODS:
+            raise EvalError(f"--format reference reads the authors' checkpoints of "
+                            f"{', '.join(REFERENCE_METHODS)}, not {method!r}")
         obj = _torch_load(path)
         if isinstance(obj, dict) and "model" in obj and "method" in obj:
             raise EvalError(f"{path} is a harness checkpoint; use --format ours")
@@ -131,12 +155,13 @@ def load_model(path: Path, fmt: str = "ours", method: str | None = None) -> tupl
         raise EvalError(f"{path} is not a harness checkpoint: no 'model'/'method' entries{hint}")
     if method is not None and method != obj["method"]:
         raise EvalError(f"{path} holds a {obj['method']!r} model, not {method!r}")
-    width = (obj.get("config") or {}).get("width", 64)
-    net = build_network(obj["method"], width if isinstance(width, int) and width > 0 else 64)
-    try:
-        net.load_state_dict(obj["model"])
-    except RuntimeError as e:
-        raise EvalError(f"{path}: weights do not fit a {obj['method']} network: {str(e).splitlines()[0]}") from None
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    num_samples = obj.get("num_samples") if isinstance(obj.get("num_samples"), int) else 1
+    net = probed_network(str(obj["method"]), config, num_samples)
+    problem = state_mismatch(net, obj["model"])
+    if problem:
+        raise EvalError(f"{path}: the weights under 'model' do not fit the network {obj['method']} probes: {problem}")
+    net.load_state_dict(obj["model"])
     return net, {"method": obj["method"], "split": obj.get("split"), "epoch": obj.get("epoch"),
                  "config": obj.get("config") or {}}
 
@@ -297,7 +322,8 @@ def eval_command(
         "--format", help="Checkpoint layout: 'ours' (harness training loop) or 'reference' "
                          "(the authors' MediaBrain-SJTU/BCL files; needs --method).")] = "ours",
     method: Annotated[Optional[str], typer.Option(
-        "--method", help="simclr, sdclr, bcl-i or bcl-d (required with --format reference).")] = None,
+        "--method", help="The checkpoint's method, one of {methods} (required with --format reference, "
+                         "which reads the authors' simclr, sdclr, bcl-i and bcl-d files).")] = None,
     split: Annotated[Optional[str], typer.Option(
         "--split", help="Pretraining split of a --checkpoint model, for the Many/Medium/Few groups "
                         "(default: from the checkpoint, else split1).")] = None,
@@ -335,8 +361,12 @@ def eval_command(
         raise EvalError("give a RUN_ID or --checkpoint FILE, not both")
     if fmt not in FORMATS:
         raise EvalError(f"unknown --format {fmt!r}; one of {', '.join(FORMATS)}")
-    if method is not None and method not in METHODS:
-        raise EvalError(f"unknown --method {method!r}; one of {', '.join(METHODS)}")
+    if method is not None:
+        from methods.registry import MethodError, get
+        try:
+            method = get(method).name
+        except MethodError as e:
+            raise EvalError(f"--method: {e}") from None
     try:
         reg = Registry(registry)
         if run_id is not None:

@@ -71,10 +71,16 @@ class MatrixSettings:
     registry: str | None = None
     tags: list[str] = field(default_factory=list)
     devices: tuple[str, ...] = ()       # empty: every visible GPU, else the CPU
+    options: tuple[str, ...] = ()       # `--set NAME=VALUE`: each method takes those it has
 
     def target_epochs(self, method: str) -> int:
         from methods.base import default_config
         return self.epochs or default_config(method).epochs
+
+    def options_for(self, method: str) -> dict:
+        """The --set options that `method` has, typed by its config."""
+        from methods.registry import parse_options
+        return parse_options(method, self.options, only_known=True)
 
 
 def parse_splits(text: str) -> tuple[str, ...]:
@@ -105,15 +111,21 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
 
 def check_settings(s: MatrixSettings) -> None:
     """Refuse a bad matrix before any cell starts: methods, every cell's recipe, devices, probes."""
-    from methods.base import METHODS
+    from methods import registry
     from harness.train import TrainError, make_config, resolve_device
 
-    unknown = [m for m in s.methods if m not in METHODS]
+    known = registry.names()
+    unknown = [m for m in s.methods if m not in known]
     if unknown:
-        raise MatrixError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise MatrixError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    for name, _ in registry.split_assignments(s.options):
+        if not any(name in registry.get(m).config_cls.own_fields() for m in s.methods):
+            raise MatrixError(f"--set {name}=...: none of the methods {', '.join(s.methods)} has an option "
+                              f"{name!r} (`harness methods` lists each method's options)")
     for m in s.methods:  # the same validation `harness train` applies, with this matrix's settings
-        make_config(m, s.splits[0], epochs=s.epochs, batch_size=s.batch_size, width=s.width,
-                    precision=s.precision, compile_mode=s.compile_mode, checkpoint_every=s.checkpoint_every)
+        make_config(m, s.splits[0], options=s.options_for(m), epochs=s.epochs, batch_size=s.batch_size,
+                    width=s.width, precision=s.precision, compile_mode=s.compile_mode,
+                    checkpoint_every=s.checkpoint_every)
     for d in s.devices:
         try:
             resolve_device(d)  # a name torch knows, of a device this machine has
@@ -197,8 +209,8 @@ def _run_claimed_cell(reg: Registry, cell: Cell, s: MatrixSettings, device: str,
         return action
     try:
         if action in ("train", "resume"):
-            cfg = make_config(cell.method, cell.split, epochs=s.epochs, batch_size=s.batch_size, width=s.width,
-                              seed=cell.seed,
+            cfg = make_config(cell.method, cell.split, options=s.options_for(cell.method), epochs=s.epochs,
+                              batch_size=s.batch_size, width=s.width, seed=cell.seed,
                               device=device, precision=s.precision, compile=s.compile, compile_mode=s.compile_mode,
                               checkpoint_every=s.checkpoint_every, tags=list(s.tags) + ["matrix"],
                               data_root=s.data_root, splits_root=s.splits_root, checkpoint_dir=s.checkpoint_dir)

@@ -21,8 +21,6 @@ import typer
 if TYPE_CHECKING:  # annotations only; the real import is deferred (see the module docstring)
     import pandas as pd
 
-METHOD_ORDER = ("simclr", "sdclr", "bcl-i", "bcl-d")
-METHOD_LABEL = {"simclr": "SimCLR", "sdclr": "SDCLR", "bcl-i": "BCL-I", "bcl-d": "BCL-D"}
 SHOTS = ("full", "100", "50")
 SHOT_LABEL = {"full": "Full-shot", "100": "100-shot", "50": "50-shot"}
 GROUPS = ("many", "medium", "few", "std", "all")
@@ -40,9 +38,22 @@ DASH = "—"
 
 # -- selecting and aggregating ---------------------------------------------------------------
 
-def methods_in_order(methods: Sequence[str]) -> list[str]:
-    """The paper's four first (always shown), then any other method present, sorted."""
-    return list(METHOD_ORDER) + sorted(set(methods) - set(METHOD_ORDER))
+def methods_in_order(methods: Sequence[str], paper_rows: bool = False) -> list[str]:
+    """The rows: the methods present, in the method registry's order (each base method, then its BCL
+    wrappings), with `paper_rows` the paper's four too, even without runs; then any method that no
+    installed package registers (kept, by name)."""
+    from methods import registry
+
+    present = {m for m in methods if isinstance(m, str)}
+    keep = present | (set(registry.paper_names()) if paper_rows else set())
+    return [e.name for e in registry.ordered(keep)] + sorted(present - set(registry.entries()))
+
+
+def method_label(method: str) -> str:
+    """The method's display name from the method registry (an unregistered one keeps its name)."""
+    from methods import registry
+
+    return registry.display_name(method)
 
 
 def done_only(runs: pd.DataFrame, probes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -87,7 +98,7 @@ def empty_reason(method: str, runs: pd.DataFrame, done: pd.DataFrame) -> str:
 PAPER_SPLITS = {f"split{k}" for k in range(1, 6)}
 
 
-def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
+def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame, paper_rows: bool = False) -> pd.DataFrame:
     """Numeric Table 1: per method and shot the mean, std, n over done runs, the published
     number and the difference; `<shot>_note` says why a cell is empty."""
     import pandas as pd
@@ -95,7 +106,7 @@ def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
     done, dprobes, _ = done_only(runs, probes)
     scores = run_scores(dprobes)
     rows = []
-    for m in methods_in_order(list(runs["method"]) + list(probes["method"])):
+    for m in methods_in_order(list(runs["method"]) + list(probes["method"]), paper_rows):
         row: dict = {"method": m}
         for s in SHOTS:
             mean, std, n = mean_std(scores.loc[(scores["method"] == m) & (scores["kind"] == s), "top1"])
@@ -108,7 +119,8 @@ def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def table2_frame(runs: pd.DataFrame, probes: pd.DataFrame, shot: str = "full") -> pd.DataFrame:
+def table2_frame(runs: pd.DataFrame, probes: pd.DataFrame, shot: str = "full",
+                 paper_rows: bool = False) -> pd.DataFrame:
     """Numeric Table 2 for one shot: Many/Medium/Few/Std/All, mean and std over done runs."""
     import pandas as pd
 
@@ -116,7 +128,7 @@ def table2_frame(runs: pd.DataFrame, probes: pd.DataFrame, shot: str = "full") -
     scores = run_scores(dprobes)
     scores = scores[scores["kind"] == shot].rename(columns={"top1": "all"})
     rows = []
-    for m in methods_in_order(list(runs["method"]) + list(probes["method"])):
+    for m in methods_in_order(list(runs["method"]) + list(probes["method"]), paper_rows):
         sel = scores[scores["method"] == m]
         row: dict = {"method": m}
         for gname in GROUPS:
@@ -154,15 +166,20 @@ def report_notes(runs: pd.DataFrame, probes: pd.DataFrame) -> list[str]:
 
 
 def quick_try_runs(done: pd.DataFrame) -> list[str]:
-    """'#id (width 16, 200 images of the split)' for runs made with the quick-try knobs."""
+    """'#id (width 16, 200 images of the split, temperature=0.5)' for runs made with the quick-try knobs
+    or with method options (`--set`) off the paper's recipe."""
+    from methods import registry
+
     out = []
     if "config" not in done:
         return out
     for _, r in done.iterrows():
         cfg = r["config"] if isinstance(r["config"], dict) else {}
-        width = (cfg.get("method") or {}).get("width", 64)
+        method_cfg = cfg.get("method") if isinstance(cfg.get("method"), dict) else {}
+        width = method_cfg.get("width", 64)
         marks = ([f"width {width}"] if width != 64 else []) + \
-                ([f"{cfg['subset']} images of the split"] if cfg.get("subset") else [])
+                ([f"{cfg['subset']} images of the split"] if cfg.get("subset") else []) + \
+                registry.departures(r["method"], method_cfg)
         if marks:
             out.append(f"#{r['id']} ({', '.join(marks)})")
     return out
@@ -186,7 +203,7 @@ def table1_display(t1: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         headers += [SHOT_LABEL[s], "Paper", "Δ"]
     rows = []
     for _, r in t1.iterrows():
-        row = [METHOD_LABEL.get(r["method"], r["method"])]
+        row = [method_label(r["method"])]
         for s in SHOTS:
             if r[f"{s}_n"]:
                 cell = f"{fmt_mean_std(r[f'{s}_mean'], r[f'{s}_std'])} (n={r[f'{s}_n']})"
@@ -201,7 +218,7 @@ def table2_display(t2: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     headers = ["Method"] + [GROUP_LABEL[g] for g in GROUPS] + ["n"]
     rows = []
     for _, r in t2.iterrows():
-        row = [METHOD_LABEL.get(r["method"], r["method"])]
+        row = [method_label(r["method"])]
         cells = [fmt_mean_std(r[f"{g}_mean"], r[f"{g}_std"]) for g in GROUPS]
         if r["note"]:  # say why in the first empty cell
             cells[0] = f"{DASH} ({r['note']})"
@@ -309,14 +326,15 @@ def table2_title(shot: str) -> str:
 
 
 def render_report(runs: pd.DataFrame, probes: pd.DataFrame, fmt: str = "term", shot: str = "full",
-                  tables: Sequence[int] = (1, 2)) -> str:
-    """The requested tables in one format (csv: one table, tidy: one header line, then its rows)."""
+                  tables: Sequence[int] = (1, 2), paper_rows: bool = False) -> str:
+    """The requested tables in one format (csv: one table, tidy: one header line, then its rows); rows
+    for the methods with runs, and with `paper_rows` for the paper's four as well."""
     if fmt == "csv" and len(tables) != 1:
         raise ValueError("a CSV file holds one table")
     notes = report_notes(runs, probes)
     parts = []
     for t in tables:
-        frame = table1_frame(runs, probes) if t == 1 else table2_frame(runs, probes, shot)
+        frame = table1_frame(runs, probes, paper_rows) if t == 1 else table2_frame(runs, probes, shot, paper_rows)
         if fmt == "csv":
             parts.append(render_csv(frame))
             continue
@@ -362,7 +380,7 @@ def plot_per_class(points: pd.DataFrame, shot: str, out: Path) -> None:
         dots = ax.scatter(p["count"].clip(lower=1), p["acc"], s=6, alpha=0.25)
         # running mean over 20 neighbouring classes shows the trend through the scatter
         trend = p["acc"].rolling(20, min_periods=1, center=True).mean()
-        ax.plot(p["count"].clip(lower=1), trend, color=dots.get_facecolor()[0][:3], label=METHOD_LABEL.get(m, m))
+        ax.plot(p["count"].clip(lower=1), trend, color=dots.get_facecolor()[0][:3], label=method_label(m))
     ax.set(xscale="log", xlabel="images of the class in the pretraining split",
            ylabel=f"{SHOT_LABEL[shot]} per-class accuracy (%)", title="Per-class accuracy vs class size")
     outside_legend(ax)
@@ -380,7 +398,7 @@ def plot_groups(t2: pd.DataFrame, shot: str, out: Path) -> None:
     for i, (_, r) in enumerate(t2.iterrows()):
         means = [r[f"{g}_mean"] for g in ("many", "medium", "few")]
         errs = [0 if np.isnan(r[f"{g}_std"]) else r[f"{g}_std"] for g in ("many", "medium", "few")]
-        ax.bar(x + i * width, means, width, yerr=errs, capsize=3, label=METHOD_LABEL.get(r["method"], r["method"]))
+        ax.bar(x + i * width, means, width, yerr=errs, capsize=3, label=method_label(r["method"]))
     ax.set_xticks(x + width * (len(t2) - 1) / 2, ["Many", "Medium", "Few"])
     ax.set(ylabel=f"{SHOT_LABEL[shot]} accuracy (%)", title="Accuracy by class group")
     outside_legend(ax)  # inside, it covers the bars
@@ -407,7 +425,7 @@ def plot_training(epochs: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None:
                 if "weight_q50" in e and e["weight_q50"].notna().any()]
     fig, axes = plt.subplots(1, 2 if weighted else 1, figsize=(12 if weighted else 7, 4.8), squeeze=False)
     ax1 = axes[0][0]
-    label = {r["id"]: f"{METHOD_LABEL.get(r['method'], r['method'])} {r['split']} #{r['id']}"
+    label = {r["id"]: f"{method_label(r['method'])} {r['split']} #{r['id']}"
              for _, r in runs.iterrows()}
     for run_id, e in epochs.groupby("run_id"):
         ax1.plot(e["epoch"], e["loss"], lw=1, marker="o" if len(e) <= 20 else None, ms=3,
@@ -472,7 +490,7 @@ def write_plots(registry, runs: pd.DataFrame, probes: pd.DataFrame, shot: str, f
         plot_per_class(points, shot, folder / f"per_class_vs_count_{shot}.png")
         msgs.append(f"wrote {folder / f'per_class_vs_count_{shot}.png'}")
     t2 = table2_frame(runs, probes, shot)
-    if (t2["n"] > 0).any() and t2["many_mean"].notna().any():
+    if len(t2) and (t2["n"] > 0).any() and t2["many_mean"].notna().any():
         plot_groups(t2, shot, folder / f"groups_{shot}.png")
         msgs.append(f"wrote {folder / f'groups_{shot}.png'}")
     else:
@@ -496,7 +514,10 @@ def report_command(
     plots: Annotated[Optional[Path], typer.Option(
         "--plots", help="Folder for PNG plots: per-class accuracy vs class size, group bars, training curves.")] = None,
     table: Annotated[str, typer.Option("--table", help="Which tables: 1, 2 or all.")] = "all",
-    method: Annotated[Optional[str], typer.Option("--method", help="Only runs of this method.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Only runs of this method ({methods}).")] = None,
+    paper_rows: Annotated[bool, typer.Option("--paper-rows", help="Also show the paper's four methods "
+                                             "({paper_methods}) when they have no runs; by default only "
+                                             "methods with runs have rows.")] = False,
     split: Annotated[Optional[str], typer.Option("--split", help="Only runs pretrained on this split.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Only runs with this target epoch count.")] = None,
     tag: Annotated[Optional[str], typer.Option("--tag", help="Only runs carrying this tag.")] = None,
@@ -538,7 +559,7 @@ def report_command(
     else:
         targets = [(None, out)]
     for t, path in targets:
-        text = render_report(runs, probes, fmt, shot, (t,) if t else tables)
+        text = render_report(runs, probes, fmt, shot, (t,) if t else tables, paper_rows)
         if path is None:
             typer.echo(text, nl=False)
         else:

@@ -23,7 +23,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -36,7 +36,9 @@ from harness.registry import (Heartbeat, Registry, RegistryError, RegistryUnreac
 from harness.safeio import check_readable, load_torch
 from harness.signals import STOP_SIGNALS
 from harness.splits import load_split
-from methods.base import METHODS, MethodConfig, build_method, default_config
+from methods import registry as methods_registry
+from methods.base import BIG, MethodConfig, build_method, stray_parameters, trained_parameters
+from methods.registry import MethodError
 from methods.schedule import lr_at
 
 CHECKPOINT_FORMAT = 1
@@ -80,8 +82,14 @@ class TrainConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
+        """A recorded config (a checkpoint's or the registry's) back into the method's own config class;
+        configs recorded before methods had their own (one flat MethodConfig) are read too."""
         d = dict(d)
-        d["method"] = MethodConfig(**d["method"])
+        name = (d.get("method") or {}).get("name")
+        try:
+            d["method"] = methods_registry.get(name).config_from_dict(d["method"], strict=True)
+        except MethodError as e:
+            raise TrainError(f"cannot continue this {name} run: {e}") from None
         return TrainConfig(**d)
 
 
@@ -298,6 +306,45 @@ def check_writable(folder: Path) -> None:
                          "choose another with --checkpoint-dir") from None
 
 
+def _few(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def state_mismatch(module: torch.nn.Module, state: dict) -> str | None:
+    """What keeps `state` from loading into `module` (missing, unexpected, reshaped weights, named);
+    None when it fits."""
+    if not isinstance(state, dict):
+        return f"expected a state dict, found {type(state).__name__}"
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape]
+    parts = [f"missing {len(missing)} weight(s): {_few(missing)}" if missing else "",
+             f"unexpected {len(unexpected)} weight(s): {_few(unexpected)}" if unexpected else "",
+             f"{len(reshaped)} of another shape (file vs model): {_few(reshaped)}" if reshaped else ""]
+    return "; ".join(p for p in parts if p) or None
+
+
+def load_modules(method, ckpt: dict, error) -> None:
+    """Every module of the method from a checkpoint: the probed one from "model", the others from
+    "modules" (checkpoints written before methods had several modules have none: fine for a method
+    with one). `error(message)` makes the exception to raise, naming the module and its weights."""
+    saved = ckpt.get("modules") or {}
+    mods = method.modules()
+    extra = sorted(set(saved) - set(mods))
+    if extra:
+        raise error(f"it holds module(s) {', '.join(extra)} that the method does not have")
+    for name, module in mods.items():
+        state = ckpt["model"] if name == method.probed else saved.get(name)
+        if state is None:
+            raise error(f"it has no weights for module {name!r} (of {', '.join(mods)})")
+        problem = state_mismatch(module, state)
+        if problem:
+            raise error(f"module {name!r}: {problem}")
+        module.load_state_dict(state)
+
+
 class Trainer:
     """Holds one run's state; `fit()` runs (or continues) it to the end or to max_steps.
 
@@ -374,9 +421,16 @@ class Trainer:
 
         torch.manual_seed(mc.seed)  # model initialisation
         self.method = build_method(mc.name, mc, num_samples=self.n, device=self.device)
+        stray = stray_parameters(self.method)
+        if stray:  # they would never be trained nor saved, and the run would still end "done"
+            raise TrainError(f"method {mc.name} has {len(stray)} parameter tensor(s) that no optimizer sees: "
+                             f"{_few(stray)}; list the module that holds them in the method's modules() "
+                             "(or set requires_grad=False on them if they are not to be trained)")
         if self.device.type == "cuda":
-            self.method.net.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(self.method.net.parameters(), lr=mc.lr, momentum=mc.momentum,
+            for module in self.method.modules().values():
+                module.to(memory_format=torch.channels_last)
+        # exactly the parameters of the method's modules (for the paper's four: the network's, in order)
+        self.optimizer = torch.optim.SGD(trained_parameters(self.method), lr=mc.lr, momentum=mc.momentum,
                                          weight_decay=mc.weight_decay)
         if cfg.compile:
             self.method.compile(mode=cfg.compile_mode)
@@ -423,7 +477,10 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "epochs_done": self.epoch - 1, "perm": self.perm, "loss_sum": self.loss_sum.cpu(),
             "step_losses": self.step_losses.cpu(), "epoch_elapsed_s": self.epoch_elapsed,
-            "model": self.method.net.state_dict(),
+            # the probed network under "model" (what `harness eval` reads), the method's other modules by name
+            "model": self.method.probed_network().state_dict(),
+            "modules": {name: m.state_dict() for name, m in self.method.modules().items()
+                        if name != self.method.probed},
             "optimizer": self.optimizer.state_dict(), "method_state": self.method.state_dict(),
             "rng": {"order": self.order_gen.get_state(), "torch": torch.get_rng_state(),
                     # views made ahead of time are not saved: the resumed run draws them again
@@ -440,13 +497,14 @@ class Trainer:
                              f"started (its indices' sha256 was {ckpt['split_sha256'][:12]}…, now "
                              f"{self.split_sha256[:12]}…): resuming would train on other images; restore the "
                              "split file or start a new run")
+        name = self.cfg.method.name
+        load_modules(self.method, ckpt, lambda msg: TrainError(f"checkpoint does not fit method {name}: {msg}"))
         try:
-            self.method.net.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.method.load_state_dict(ckpt["method_state"])
         except (RuntimeError, KeyError, ValueError) as e:
-            raise TrainError(f"checkpoint is incompatible with method {self.cfg.method.name}: "
-                             f"{str(e).splitlines()[0]}") from None
+            raise TrainError(f"checkpoint is incompatible with method {name}: "
+                             f"{' '.join(str(e).split())[:300]}") from None
         self.order_gen.set_state(ckpt["rng"]["order"])
         self.aug_gen.set_state(ckpt["rng"]["aug"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -574,7 +632,8 @@ class Trainer:
             self.step_losses.zero_()
             self.epoch_elapsed = 0.0
         perm = self.perm.to(self.device)
-        self.method.net.train()
+        for module in self.method.modules().values():
+            module.train()
         while self.step_in_epoch < self.steps_per_epoch:
             if self._should_stop(interrupt):
                 spent = self._sync_time(t0)
@@ -682,7 +741,7 @@ class Trainer:
                                    "epoch_time_s": epoch_time, "images_per_s": self.n / epoch_time}
         metrics.update({k.replace("w_", "weight_"): v for k, v in stats.items()})
         if self.cfg.monitor_every and (epoch % self.cfg.monitor_every == 0 or epoch == mc.epochs):
-            metrics["knn_top1"] = knn_monitor(self.method.net, self.images, self.labels, self.test_images,
+            metrics["knn_top1"] = knn_monitor(self.method.probed_network(), self.images, self.labels, self.test_images,
                                               self.test_labels, self.precision)
         # the epoch is over in the state first: a checkpoint taken if the registry is unreachable
         # resumes after it and keeps its row (`unlogged`) for the registry
@@ -713,34 +772,12 @@ def check_compile_mode(mode: str) -> str:
     return mode
 
 
-def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-BIG = 2**31  # counts beyond this are typos (and overflow torch's index types)
-
-
 def _count(lo: int):
     return lambda v: isinstance(v, int) and lo <= v < BIG
 
 
-# (field, test, what it must be): checked before any work, so a typo never trains to "done"
-RECIPE_CHECKS = (
-    ("epochs", _count(1), "an integer from 1 to 2^31"),
-    ("batch_size", _count(1), "an integer from 1 to 2^31"),
-    ("lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    ("final_lr", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    ("weight_decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    ("momentum", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
-    ("warmup_epochs", _count(0), "an integer from 0 to 2^31"),
-    ("temperature", lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    ("width", _count(1), "an integer from 1 to 2^31"),
-    ("prune_ratio", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
-    ("bcl_beta", lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
-    ("bcl_k", _count(0), "an integer from 0 to 2^31"),
-    ("bcl_min_magnitude", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    ("bcl_max_magnitude", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-)
+# (field, test, what it must be): checked before any work, so a typo never trains to "done"; the
+# method's recipe is checked by its config class (MethodConfig.CHECKS and its subclasses')
 LOOP_CHECKS = (
     ("checkpoint_every", _count(1), "an integer from 1 to 2^31"),
     ("monitor_every", _count(0), "an integer from 0 to 2^31 (0: off)"),
@@ -750,11 +787,18 @@ LOOP_CHECKS = (
 )
 
 
+def option_label(cfg: MethodConfig, name: str, value: Any) -> str:
+    """How the user sets a field: `--lr 0.5` for the shared recipe, `--set temperature=0.5` for the rest."""
+    if name in MethodConfig.shared_fields():
+        return f"--{name.replace('_', '-')} {value!r}"
+    return f"--set {name}={value!r}"
+
+
 def validate_config(cfg: TrainConfig) -> TrainConfig:
     """Refuse settings that cannot train (non-finite or out-of-range), naming the option."""
-    bad = [f"--{name.replace('_', '-')} {getattr(obj, name)!r} (must be {what})"
-           for obj, checks in ((cfg.method, RECIPE_CHECKS), (cfg, LOOP_CHECKS))
-           for name, ok, what in checks if not ok(getattr(obj, name))]
+    bad = [f"{option_label(cfg.method, name, value)} (must be {what})" for name, value, what in cfg.method.problems()]
+    bad += [f"--{name.replace('_', '-')} {getattr(cfg, name)!r} (must be {what})"
+            for name, ok, what in LOOP_CHECKS if not ok(getattr(cfg, name))]
     if bad:
         raise TrainError("invalid settings: " + "; ".join(bad))
     check_precision(cfg.precision)
@@ -776,14 +820,20 @@ def check_device_name(name: str) -> str:
     return name
 
 
-def make_config(method: str, split: str = "1", **overrides: Any) -> TrainConfig:
-    """Paper defaults for `method`, with loop and recipe overrides by name (None = keep); validated."""
+def make_config(method: str, split: str = "1", options: Iterable[str] | dict[str, Any] | None = None,
+                **overrides: Any) -> TrainConfig:
+    """Paper defaults for `method`, with loop and recipe overrides by name (None = keep) and the method's
+    own options (`--set NAME=VALUE` strings, or a dict of typed values); validated."""
     try:
-        mc = default_config(method)
-    except ValueError:
-        raise TrainError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}") from None
-    method_fields = {f.name for f in dataclasses.fields(MethodConfig)}
-    m_over = {k: v for k, v in overrides.items() if k in method_fields and v is not None}
+        entry = methods_registry.get(method)
+    except MethodError as e:
+        raise TrainError(str(e)) from None
+    mc = entry.default_config()
+    if isinstance(options, dict):
+        options = [f"{k}={v}" for k, v in options.items()]
+    own = methods_registry.parse_options(entry.name, options or ())
+    method_fields = {f.name for f in dataclasses.fields(entry.config_cls)} - {"name"}
+    m_over = {**{k: v for k, v in overrides.items() if k in method_fields and v is not None}, **own}
     t_over = {k: v for k, v in overrides.items() if k not in method_fields and v is not None}
     unknown = set(t_over) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:

@@ -133,6 +133,17 @@ class ProjectionHead(nn.Module):
         return _call(self.bn2, self.fc2(h), branch)
 
 
+def init_weights(net: nn.Module) -> None:
+    """SPEC 3: convs Kaiming-normal (fan_out, relu), BN weight 1 and bias 0, in module order."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):  # includes MaskedConv2d
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    # Linear layers keep PyTorch's default init (SPEC is silent about them)
+
+
 class ContrastiveNet(nn.Module):
     """Backbone + projection head. ``features`` gives the probe features (512-d at the paper's width),
     ``forward`` the 128-d projections."""
@@ -145,13 +156,7 @@ class ContrastiveNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # includes MaskedConv2d
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        # Linear layers keep PyTorch's default init (SPEC is silent about them)
+        init_weights(self)
 
     def _check(self, branch: str) -> None:
         if branch not in BRANCHES or (branch == "pruned" and not self.two_branch):
@@ -182,7 +187,9 @@ PAPER_WIDTH = 64
 
 
 def build_network(method_name: str, width: int = PAPER_WIDTH) -> ContrastiveNet:
-    """The network a method trains: two-branch (prunable) for SDCLR and BCL-D."""
+    """The network of one of the paper's four methods, two-branch (prunable) for SDCLR and BCL-D: for
+    the authors' checkpoints and the benchmarks. A registered method builds its own network
+    (methods.base.Method.build_network)."""
     if width < 1:
         raise ValueError(f"network width must be at least 1, got {width}")
     return ContrastiveNet(two_branch=method_name.lower() in TWO_BRANCH_METHODS, width=width)

@@ -6,16 +6,35 @@ gradients: the first term only reaches the dense branch, the second only the pru
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 from torch.profiler import record_function
 
-from methods.base import Method
+from methods.base import Method, MethodConfig, finite, in_unit
 from methods.losses import nt_xent_per_sample
 from methods.pruning import global_magnitude_prune
+from methods.registry import register_method
 
 
+@dataclass
+class SDCLRConfig(MethodConfig):
+    weight_decay: float = 1e-4
+    temperature: float = 0.2
+    prune_ratio: float = 0.9
+
+    CHECKS = (("temperature", lambda v: finite(v) and v > 0, "a finite number > 0"),
+             ("prune_ratio", in_unit(), "in [0, 1)"))
+
+
+@register_method
 class SDCLR(Method):
     name = "sdclr"
+    display_name = "SDCLR"
+    config_cls = SDCLRConfig
+    paper = True
+    row = 20
+    two_branch = True  # dense and pruned branches share every conv and linear weight
 
     @record_function("harness/prune")
     def on_epoch_start(self, epoch: int) -> None:

@@ -29,7 +29,7 @@ def registry(tmp_path, method: str, split: str, tag: str) -> Registry:
 
 def render(tmp_path, fmt, method=NASTY, split=NASTY + "_split", tag="<script>alert(2)</script>"):
     reg = registry(tmp_path, method, split, tag)
-    return render_report(reg.runs_frame(), reg.probe_frame(), fmt, "full")
+    return render_report(reg.runs_frame(), reg.probe_frame(), fmt, "full", paper_rows=True)
 
 
 @pytest.mark.parametrize("fmt", ["term", "markdown", "latex", "html"])
@@ -89,7 +89,8 @@ def test_html_escapes(tmp_path):
 
 def test_csv_round_trips_hostile_names(tmp_path):
     reg = registry(tmp_path, NASTY, NASTY + "_split", "<script>alert(2)</script>")
-    blocks = [render_report(reg.runs_frame(), reg.probe_frame(), "csv", "full", (t,)) for t in (1, 2)]
+    blocks = [render_report(reg.runs_frame(), reg.probe_frame(), "csv", "full", (t,), paper_rows=True)
+              for t in (1, 2)]
     for b in blocks:
         rows = [r for r in csv.reader(io.StringIO(b, newline="")) if r]  # a blank line between blocks
         assert len({len(r) for r in rows}) == 1 and len(rows) == 1 + 5

@@ -75,17 +75,22 @@ def gen(seed=0):
 
 # ---------------------------------------------------------------------------------------- configs
 def test_default_configs():
+    """The paper's values; each method's config holds its own options and no other method's."""
     common = dict(batch_size=512, epochs=2000, lr=0.5, final_lr=1e-6, momentum=0.9, warmup_epochs=10,
-                  temperature=0.2, seed=10, prune_ratio=0.9, bcl_beta=0.97, bcl_max_magnitude=30.0)
-    expect = {"simclr": dict(weight_decay=5e-4), "sdclr": dict(weight_decay=1e-4),
-              "bcl-i": dict(weight_decay=5e-4, bcl_k=1, bcl_min_magnitude=10.0, bcl_random_magnitude=False),
-              "bcl-d": dict(weight_decay=1e-4, bcl_k=2, bcl_min_magnitude=5.0, bcl_random_magnitude=True)}
+                  temperature=0.2, seed=10)
+    pruning, bcl = dict(prune_ratio=0.9), dict(bcl_beta=0.97, bcl_max_magnitude=30.0)
+    expect = {"simclr": dict(weight_decay=5e-4), "sdclr": dict(weight_decay=1e-4, **pruning),
+              "bcl-i": dict(weight_decay=5e-4, bcl_k=1, bcl_min_magnitude=10.0, bcl_random_magnitude=False, **bcl),
+              "bcl-d": dict(weight_decay=1e-4, bcl_k=2, bcl_min_magnitude=5.0, bcl_random_magnitude=True,
+                            **pruning, **bcl)}
     for name, extra in expect.items():
         cfg = default_config(name)
         assert isinstance(cfg, MethodConfig) and cfg.name == name
         for key, value in {**common, **extra}.items():
             assert getattr(cfg, key) == value, (name, key)
         assert cfg.to_dict()["weight_decay"] == extra["weight_decay"]
+        foreign = {"prune_ratio", "bcl_beta", "bcl_k", "projection_dim"} - set(extra)
+        assert not foreign & set(cfg.to_dict()), (name, foreign & set(cfg.to_dict()))
     with pytest.raises(ValueError):
         default_config("byol")
 

@@ -101,8 +101,10 @@ def test_table2_few_shot_golden(reg):
 
 
 def test_table1_numbers(reg):
-    t1 = table1_frame(reg.runs_frame(), reg.probe_frame()).set_index("method")
-    assert list(t1.index) == ["simclr", "sdclr", "bcl-i", "bcl-d", "moco"]
+    # rows in the method registry's order (each base, then its BCL variant); unregistered ones last
+    assert list(table1_frame(reg.runs_frame(), reg.probe_frame())["method"]) == ["simclr", "bcl-i", "sdclr", "moco"]
+    t1 = table1_frame(reg.runs_frame(), reg.probe_frame(), paper_rows=True).set_index("method")
+    assert list(t1.index) == ["simclr", "bcl-i", "sdclr", "bcl-d", "moco"]
     assert t1.loc["simclr", "full_mean"] == pytest.approx(51.0)
     assert t1.loc["simclr", "full_std"] == pytest.approx(np.sqrt(2))
     assert t1.loc["simclr", "full_n"] == 2  # the failed run is not averaged in
@@ -132,7 +134,7 @@ def test_run_scores_average_subsets_first(reg):
 def test_filters_through_command(reg, tmp_path):
     out = tmp_path / "t.md"
     r = CliRunner().invoke(app, ["report", "--registry", reg.url, "--method", "simclr", "--table", "1",
-                                 "--format", "markdown", "--out", str(out)])
+                                 "--format", "markdown", "--out", str(out), "--paper-rows"])
     assert r.exit_code == 0, r.output
     text = out.read_text()
     assert "51.00 ± 1.41 (n=2)" in text and "55.00" not in text
@@ -162,6 +164,8 @@ def test_plots(reg, tmp_path):
 def test_empty_registry(tmp_path):
     reg = Registry(f"sqlite:///{tmp_path / 'empty.db'}")
     text = render_report(reg.runs_frame(), reg.probe_frame(), "term")
+    assert "no runs" not in text  # only methods with runs have rows
+    text = render_report(reg.runs_frame(), reg.probe_frame(), "term", paper_rows=True)
     assert text.count("— (no runs)") == 4 * 3 + 4
 
 
