@@ -533,7 +533,8 @@ def report_command(
 
     Table 1: top-1 per shot beside the published numbers. Table 2:
     Many/Medium/Few/Std/All for one shot (--shot). Only runs with status
-    'done' count.
+    'done' count. Rows: the methods with runs, in the method registry's
+    order (each base method, then its BCL wrappings), by report name.
     """
     from harness.errors import HarnessError
     from harness.registry import Registry

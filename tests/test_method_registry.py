@@ -361,3 +361,22 @@ def test_eval_names_the_weights_that_do_not_fit(tmp_path):
     del state["predictor.0.weight"]
     torch.save({"method": "simsiam", "model": state, "config": {"width": 4, "projection_dim": 8}}, path)
     assert load_model(path)[0].features(torch.zeros(2, 3, 32, 32)).shape == (2, 32)
+
+
+def test_matrix_gives_each_method_the_options_it_has(tiny, tmp_path, monkeypatch):
+    from harness import splits
+    from harness.matrix import Cell, MatrixError, MatrixSettings, check_settings, run_cell
+
+    kw, split, url = tiny
+    monkeypatch.setenv(splits.GENERATED_ENV_VAR, str(tmp_path / "gen"))
+    splits.save_generated("t", np.arange(16), "pretrain", "test")
+    s = MatrixSettings(methods=("simclr", "simsiam"), splits=("t",), epochs=1, batch_size=8, width=4,
+                       evaluate=False, data_root=kw["data_root"], checkpoint_dir=kw["checkpoint_dir"], registry=url,
+                       options=("predictor_dim=8", "projection_dim=16", "temperature=0.4"))
+    check_settings(s)
+    assert s.options_for("simclr") == {"temperature": 0.4}
+    with pytest.raises(MatrixError, match="none of the methods simclr, simsiam has an option 'prune_ratio'"):
+        check_settings(MatrixSettings(**{**s.__dict__, "options": ("prune_ratio=0.5",)}))
+    assert run_cell(Cell("simsiam", "t", 10), s, "cpu") == "train"  # the worker's body, as each process runs it
+    cfg = Registry(url).list_runs(method="simsiam")[0]["config"]["method"]
+    assert (cfg["predictor_dim"], cfg["projection_dim"]) == (8, 16) and "temperature" not in cfg
