@@ -739,7 +739,8 @@ class Trainer:
         epoch_time = self.epoch_elapsed + spent  # a resumed epoch counts its time before the stop too
         metrics: dict[str, Any] = {"loss": (self.loss_sum / self.n).item(), "lr": self.last_lr,
                                    "epoch_time_s": epoch_time, "images_per_s": self.n / epoch_time}
-        metrics.update({k.replace("w_", "weight_"): v for k, v in stats.items()})
+        # BCL's w_* statistics are logged as weight_*; a method's other statistics keep their names
+        metrics.update({f"weight_{k[2:]}" if k.startswith("w_") else k: v for k, v in stats.items()})
         if self.cfg.monitor_every and (epoch % self.cfg.monitor_every == 0 or epoch == mc.epochs):
             metrics["knn_top1"] = knn_monitor(self.method.probed_network(), self.images, self.labels, self.test_images,
                                               self.test_labels, self.precision)
