@@ -9,7 +9,7 @@ import re
 import pytest
 
 from harness.registry import Registry
-from harness.report import render_report
+from harness.report import TABLES, render_report
 
 # breaks out of a % comment, runs \input, opens math, closes groups, starts HTML, splits a table cell
 NASTY = "x\n\\input{/etc/passwd}$^~{}\\&%#_ <script>alert(1)</script> | y\r\n\n`*[a](b)`"
@@ -19,7 +19,9 @@ SPECIALS = set("$^~{}\\&%#_")
 def registry(tmp_path, method: str, split: str, tag: str) -> Registry:
     reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
     for m, s in (("simclr", "split1"), (method, split)):
-        rid = reg.create_run(m, s, 10, 2, {}, tags=["paper", tag], status="done")
+        # a hostile container image (an env var) and device reach the environment table
+        rid = reg.create_run(m, s, 10, 2, {"split_sha256": "ab" * 32}, tags=["paper", tag], status="done",
+                             device=method, versions={"container_image": method, "torch": split})
         reg.log_probe(rid, "full", 0, 50.0, many=60.0, medium=50.0, few=40.0, std=8.0, per_class=[50.0] * 100)
         for sub in (1, 2, 3):  # 3 of 5 subsets: a note that quotes the method
             reg.log_probe(rid, "100", sub, 45.0)
@@ -29,7 +31,7 @@ def registry(tmp_path, method: str, split: str, tag: str) -> Registry:
 
 def render(tmp_path, fmt, method=NASTY, split=NASTY + "_split", tag="<script>alert(2)</script>"):
     reg = registry(tmp_path, method, split, tag)
-    return render_report(reg.runs_frame(), reg.probe_frame(), fmt, "full")
+    return render_report(reg.runs_frame(), reg.probe_frame(), fmt, "full", TABLES)
 
 
 @pytest.mark.parametrize("fmt", ["term", "markdown", "latex", "html"])
@@ -61,7 +63,7 @@ def test_latex_has_no_unescaped_specials(tmp_path):
         else:
             assert line.endswith(r" \\"), line
             cells = line[:-3].split(" & ")
-            assert len(cells) in (7, 10), line  # Table 2 / Table 1 columns: no cell split
+            assert len(cells) in (3, 7, 8, 11), line  # Tables 4, 3, 2, 1: no cell split
         for cell in cells:
             for esc in LATEX_ESCAPES:
                 cell = cell.replace(esc, "")
@@ -71,11 +73,12 @@ def test_latex_has_no_unescaped_specials(tmp_path):
 def test_markdown_has_no_raw_html_and_right_rows(tmp_path):
     md = render(tmp_path, "markdown")
     assert "<script>" not in md and "</script>" not in md and "alert(1)" in md
-    tables = [b for b in md.split("\n\n") if b.startswith("| Method")]
-    assert len(tables) == 2
-    for t in tables:
+    tables = [b for b in md.split("\n\n") if b.startswith(("| Method", "| Field"))]
+    assert len(tables) == 4
+    for i, t in enumerate(tables):
         rows = t.splitlines()
-        assert len(rows) == 2 + 5  # header, rule, the paper's four methods and the hostile one
+        if i < 2:
+            assert len(rows) == 2 + 5  # header, rule, the paper's four methods and the hostile one
         seps = {len(re.findall(r"(?<!\\)\|", r)) for r in rows}
         assert len(seps) == 1, rows  # every row has the header's number of cells
     for line in md.splitlines():
