@@ -58,6 +58,8 @@ def run_links(ids: str) -> str:
 def table_html(title: str, headers: list[str], rows: list[list[str]], notes: list[str],
                links: Sequence[str] | None = None, table_id: str = "", text_cols: Sequence[int] = ()) -> str:
     """One table; with `links`, the last column of row i becomes the run links of links[i]."""
+    if links is not None:
+        text_cols = (*text_cols, len(headers) - 1)
     cls = lambda j: ' class="text"' if j in text_cols else ""
     out = [f'<table id="{e(table_id)}">' if table_id else "<table>", f"<caption>{e(title)}</caption>",
            "<thead><tr>" + "".join(f"<th{cls(j)}>{e(h)}</th>" for j, h in enumerate(headers)) + "</tr></thead>",
@@ -97,8 +99,11 @@ def figures_html(runs: pd.DataFrame, probes: pd.DataFrame, epochs: pd.DataFrame 
     parts, msgs = [], []
     counts, msg = rp.class_counts_for(done, sorted(dprobes["split"].unique()), data_root, splits_root)
     points = rp.per_class_points(dprobes, counts, shot)
+    if msg:
+        msgs.append(msg)
     if points.empty:
-        msgs.append(msg or f"per-class plot skipped: no done run has {rp.SHOT_LABEL[shot].lower()} per-class scores")
+        if not msg:
+            msgs.append(f"per-class plot skipped: no done run has {rp.SHOT_LABEL[shot].lower()} per-class scores")
     else:
         parts.append(figure(data_uri(rp.plot_per_class, points, shot), "per-class accuracy vs class size",
                             f"{rp.SHOT_LABEL[shot]} per-class accuracy of every done run against the class's "
@@ -176,6 +181,8 @@ def run_section(run, probes: pd.DataFrame, checkpoint: dict | None) -> str:
         facts.append(("checkpoint", f"{checkpoint['path']} (epoch {_fmt(checkpoint.get('epoch'))}, "
                                     f"sha256 {str(checkpoint.get('sha256') or rp.NOT_RECORDED)[:16]})"))
     mine = probes[probes["run_id"] == rid] if len(probes) else probes
+    order = {k: i for i, k in enumerate(rp.SHOTS)}
+    mine = mine.assign(_o=mine["kind"].map(order)).sort_values(["_o", "subset"]) if len(mine) else mine
     devs = rp.run_deviations(run, list(mine["config"]) if "config" in mine else ())
     parts = [f'<section class="run" id="run-{rid}">', f"<h3>{e(head)}</h3>", dl(facts)]
     parts.append("<p>Deviations from the authors' recipe: " + (e("; ".join(devs)) if devs else "none recorded")
