@@ -41,7 +41,7 @@ smoke:  ## data -> splits -> train (every method, 2 epochs) -> eval -> report, o
 
 reproduce:  ## on a GPU host: build the container and run the paper's whole matrix inside it
 	mkdir -p data results checkpoints splits/paper   # else the engine creates them owned by root
-	HARNESS_UID=$$(id -u) HARNESS_GID=$$(id -g) docker compose build
+	HARNESS_UID=$$(id -u) HARNESS_GID=$$(id -g) HARNESS_GIT_REV=$$(git rev-parse HEAD 2>/dev/null) docker compose build
 	docker compose run --rm harness make reproduce-inside DATA_SOURCE="$(DATA_SOURCE)" EPOCHS="$(EPOCHS)"
 
 reproduce-inside:  ## what `reproduce` runs in the container: data, splits, 4 methods x 5 splits, eval, report

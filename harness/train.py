@@ -133,9 +133,7 @@ def environment(device: torch.device, precision: str | None = None) -> tuple[str
         versions["precision"] = precision
     if device.type == "cuda":
         versions.update(cuda_versions(device))
-    image = os.environ.get(IMAGE_ENV_VAR)
-    if image:
-        versions["container_image"] = image
+    versions["container_image"] = os.environ.get(IMAGE_ENV_VAR) or None  # None: not in the harness's image
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or None
