@@ -800,6 +800,10 @@ def plot_weight_by_class(points: pd.DataFrame, out) -> None:
         ax.plot(trend.index, trend.values, color=dots.get_facecolor()[0][:3], label=METHOD_LABEL.get(m, m))
     ax.set(xscale="log", xlabel="images of the class in the pretraining split",
            ylabel="mean BCL sample weight w (last logged epoch)", title="BCL weight vs class size")
+    from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 5, 50, not 2 x 10^0
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     outside_legend(ax)
     fig.tight_layout()
     fig.savefig(out, dpi=120, format="png")

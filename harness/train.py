@@ -147,9 +147,8 @@ def cuda_versions(device: torch.device) -> dict:
     out: dict = {}
     if torch.version.cuda:
         out["cuda"] = torch.version.cuda
-    if torch.backends.cudnn.is_available():
-        v = torch.backends.cudnn.version()  # e.g. 91002 for 9.10.2
-        out["cudnn"] = f"{v // 10000}.{v // 100 % 100}.{v % 100}" if v and v >= 10000 else str(v)
+    if torch.backends.cudnn.is_available() and torch.backends.cudnn.version():
+        out["cudnn"] = cudnn_text(torch.backends.cudnn.version())
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", f"-i={index}"],
@@ -160,6 +159,13 @@ def cuda_versions(device: torch.device) -> dict:
     if driver:
         out["driver"] = driver
     return out
+
+
+def cudnn_text(v: int) -> str:
+    """cuDNN's version number in words: 91002 -> 9.10.2 (cuDNN 9 counts major x 10000), 8902 -> 8.9.2."""
+    if v >= 10000:
+        return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+    return f"{v // 1000}.{v // 100 % 10}.{v % 100}"
 
 
 def resume_record(device_name: str, versions: dict, rev: str | None, epoch: int) -> dict:

@@ -247,3 +247,51 @@ def test_quick_try_runs_are_marked(tmp_path):
     assert "Deviation from the authors' recipe: trained on 200 images of the split (a seeded subset), " \
            "not all of it (run #1)." in text
     assert "run #2" not in text and "runs #1-#2" not in text  # run 2 (the paper's recipe) in no footnote
+
+
+def test_mean_and_std_are_over_splits_with_the_seed_spread_apart(tmp_path):
+    """Split 1 with seeds 10 and 11 (50, 54), split 2 with one seed (60): split means 52 and 60 ->
+    56.00 ± 5.66 over splits, n=3 runs; seed spread within split 1: sample std of (50, 54) = 2.83."""
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    for split, seed, top1 in (("split1", 10, 50.0), ("split1", 11, 54.0), ("split2", 10, 60.0)):
+        log(reg, reg.create_run("simclr", split, seed, 2000, {}, status="done"), "full", 0, top1)
+    t1 = table1_frame(reg.runs_frame(), reg.probe_frame()).set_index("method")
+    assert t1.loc["simclr", "full_mean"] == pytest.approx(56.0)
+    assert t1.loc["simclr", "full_std"] == pytest.approx(np.std([52.0, 60.0], ddof=1))
+    assert t1.loc["simclr", "full_n"] == 3 and t1.loc["simclr", "full_splits"] == 2
+    assert t1.loc["simclr", "full_seed_sd"] == pytest.approx(np.std([50.0, 54.0], ddof=1))
+    text = render_report(reg.runs_frame(), reg.probe_frame(), "term", tables=(1,))
+    assert "56.00 ± 5.66 (n=3; seeds ± 2.83)" in text and "#1-#3" in text
+    t2 = table2_frame(reg.runs_frame(), reg.probe_frame()).set_index("method")
+    assert t2.loc["simclr", "many_mean"] == pytest.approx(66.0) and t2.loc["simclr", "runs"] == "1 2 3"
+
+
+def test_deviations_come_from_each_runs_config(tmp_path):
+    """'auto' precision means bf16 on a GPU (an older run did not record it), fp32 on a CPU; changed
+    epochs are named; a setting a method does not use (SimCLR's prune ratio) is not."""
+    from methods.base import default_config
+
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    simclr = {**default_config("simclr").to_dict(), "epochs": 500, "prune_ratio": 0.5}
+    for device, cfg in (("NVIDIA H200", {"method": simclr, "precision": "auto"}),
+                        ("cpu (x86_64)", {"method": default_config("bcl-d").to_dict(), "precision": "auto"}),
+                        ("NVIDIA H200", {"method": default_config("bcl-i").to_dict(), "precision": "fp32"})):
+        rid = reg.create_run(cfg["method"]["name"], "split1", 10, 2000, cfg, status="done", device=device)
+        log(reg, rid, "full", 0, 50.0)
+    notes = render_report(reg.runs_frame(), reg.probe_frame(), "term", tables=(1,)).splitlines()
+    devs = [n for n in notes if n.startswith("Deviation")]
+    assert devs == ["Deviation from the authors' recipe: 500 epochs instead of 2000 (run #1).",
+                    "Deviation from the authors' recipe: bf16 autocast instead of fp32 (run #1)."]
+
+
+def test_environment_table_marks_what_old_runs_did_not_record(tmp_path):
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    new = reg.create_run("simclr", "split1", 10, 2, {"split_sha256": "ab" * 32}, status="done", device="NVIDIA H200",
+                         versions={"driver": "580.95.05", "cuda": "13.0", "container_image": None}, git_rev="c0ffee")
+    old = reg.create_run("simclr", "split1", 11, 2, {}, status="done")
+    env = render_report(reg.runs_frame(), reg.probe_frame(), "csv", tables=(4,))
+    frame = pd.read_csv(io.StringIO(env), dtype=str).set_index(["field", "value"])["runs"]
+    assert frame[("driver", "580.95.05")] == str(new) and frame[("driver", "not recorded")] == str(old)
+    assert frame[("container_image", "none")] == str(new) and frame[("commit", "c0ffee")] == str(new)
+    assert frame[("split", "split1: " + "ab" * 8 + "…")] == str(new)
+    assert frame[("split", "split1: not recorded")] == str(old)

@@ -228,3 +228,27 @@ def test_overlapped_augmentation_gives_the_same_views(tiny, tmp_path, device):
     ahead, in_turn = views_seen(True), views_seen(False)
     assert len(ahead) == len(in_turn) == 6
     assert all(torch.equal(a, b) for a, b in zip(ahead, in_turn))
+
+
+def test_cuda_versions_read_cuda_cudnn_and_the_driver(monkeypatch):
+    """The GPU side of the environment record, without a GPU: torch's CUDA and cuDNN numbers and
+    nvidia-smi's answer, as the H200 reports them."""
+    import subprocess
+
+    from harness import train as train_mod
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    calls = []
+
+    def smi(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="580.95.05\n", stderr="")
+    monkeypatch.setattr(train_mod.subprocess, "run", smi)
+    assert train_mod.cuda_versions(torch.device("cuda", 1)) == {"cuda": "13.0", "cudnn": "9.10.2",
+                                                                 "driver": "580.95.05"}
+    assert calls[0][0] == "nvidia-smi" and "-i=1" in calls[0]
+    assert train_mod.cudnn_text(8902) == "8.9.2"
+    monkeypatch.setattr(train_mod.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no smi")))
+    assert "driver" not in train_mod.cuda_versions(torch.device("cuda", 0))
