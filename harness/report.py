@@ -677,6 +677,12 @@ def per_class_points(probes: pd.DataFrame, counts_by_split: dict[str, np.ndarray
     return pd.DataFrame(recs, columns=["method", "run_id", "class", "count", "acc"])
 
 
+def plot_label(s: str) -> str:
+    """A user string as a legend label: visible escapes for control characters, and no $ that would
+    start matplotlib's mathtext (a method named '$\\frac$' must not break the plot)."""
+    return visible(s).replace("$", r"\$")
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
@@ -694,7 +700,7 @@ def plot_per_class(points: pd.DataFrame, shot: str, out: Path) -> None:
         dots = ax.scatter(p["count"].clip(lower=1), p["acc"], s=6, alpha=0.25)
         # running mean over 20 neighbouring classes shows the trend through the scatter
         trend = p["acc"].rolling(20, min_periods=1, center=True).mean()
-        ax.plot(p["count"].clip(lower=1), trend, color=dots.get_facecolor()[0][:3], label=METHOD_LABEL.get(m, m))
+        ax.plot(p["count"].clip(lower=1), trend, color=dots.get_facecolor()[0][:3], label=plot_label(METHOD_LABEL.get(m, m)))
     ax.set(xscale="log", xlabel="images of the class in the pretraining split",
            ylabel=f"{SHOT_LABEL[shot]} per-class accuracy (%)", title="Per-class accuracy vs class size")
     outside_legend(ax)
@@ -712,7 +718,7 @@ def plot_groups(t2: pd.DataFrame, shot: str, out: Path) -> None:
     for i, (_, r) in enumerate(t2.iterrows()):
         means = [r[f"{g}_mean"] for g in ("many", "medium", "few")]
         errs = [0 if np.isnan(r[f"{g}_std"]) else r[f"{g}_std"] for g in ("many", "medium", "few")]
-        ax.bar(x + i * width, means, width, yerr=errs, capsize=3, label=METHOD_LABEL.get(r["method"], r["method"]))
+        ax.bar(x + i * width, means, width, yerr=errs, capsize=3, label=plot_label(METHOD_LABEL.get(r["method"], r["method"])))
     ax.set_xticks(x + width * (len(t2) - 1) / 2, ["Many", "Medium", "Few"])
     ax.set(ylabel=f"{SHOT_LABEL[shot]} accuracy (%)", title="Accuracy by class group")
     outside_legend(ax)  # inside, it covers the bars
@@ -739,7 +745,7 @@ def plot_training(epochs: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None:
                 if "weight_q50" in e and e["weight_q50"].notna().any()]
     fig, axes = plt.subplots(1, 2 if weighted else 1, figsize=(12 if weighted else 7, 4.8), squeeze=False)
     ax1 = axes[0][0]
-    label = {r["id"]: f"{METHOD_LABEL.get(r['method'], r['method'])} {r['split']} #{r['id']}"
+    label = {r["id"]: plot_label(f"{METHOD_LABEL.get(r['method'], r['method'])} {r['split']} #{r['id']}")
              for _, r in runs.iterrows()}
     for run_id, e in epochs.groupby("run_id"):
         ax1.plot(e["epoch"], e["loss"], lw=1, marker="o" if len(e) <= 20 else None, ms=3,
@@ -797,7 +803,7 @@ def plot_weight_by_class(points: pd.DataFrame, out) -> None:
             continue
         dots = ax.scatter(p["count"], p["weight"], s=6, alpha=0.3)
         trend = p.groupby("count")["weight"].mean().rolling(10, min_periods=1, center=True).mean()
-        ax.plot(trend.index, trend.values, color=dots.get_facecolor()[0][:3], label=METHOD_LABEL.get(m, m))
+        ax.plot(trend.index, trend.values, color=dots.get_facecolor()[0][:3], label=plot_label(METHOD_LABEL.get(m, m)))
     ax.set(xscale="log", xlabel="images of the class in the pretraining split",
            ylabel="mean BCL sample weight w (last logged epoch)", title="BCL weight vs class size")
     from matplotlib.ticker import FuncFormatter

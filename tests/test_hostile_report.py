@@ -102,3 +102,24 @@ def test_csv_round_trips_hostile_names(tmp_path):
 def test_terminal_output_has_no_control_characters(tmp_path):
     text = render(tmp_path, "term", method="ev\x1b[2Jil\x07", split="s\x1b]0;t\x07")
     assert "\x1b" not in text and "\x07" not in text and "\\x1b" in text
+
+
+def test_html_page_escapes_every_registry_string(tmp_path):
+    """The whole page (run sections with configs, errors, tags, the environment) holds hostile
+    strings as text: no markup, no attribute or URL they could open."""
+    from harness.report_html import render_page
+
+    reg = registry(tmp_path, NASTY, NASTY + "_split", "<script>alert(2)</script>")
+    rid = reg.create_run(NASTY, "s", 12, 2, {"note": '"><img src=x onerror=alert(3)>', NASTY: NASTY},
+                         status="failed", device='"><b>x</b>', versions={"container_image": "</style><script>"})
+    reg.update_run(rid, error="</section><script>alert(4)</script>")
+    math = reg.create_run("$\\frac{1$", "split1", 10, 2, {}, status="done")  # mathtext would fail to parse it
+    reg.log_epoch(math, 1, loss=3.0)
+    reg.log_probe(math, "full", 0, 50.0, many=60.0, medium=50.0, few=40.0, std=8.0, per_class=[50.0] * 100)
+    runs = reg.runs_frame()
+    page, _ = render_page(runs, reg.probe_frame(), reg.epoch_frame(list(runs["id"])), data_root=tmp_path / "none")
+    assert "<script" not in page and "onerror=alert" not in page.replace("onerror=alert(3)&gt;", "")
+    assert "<img src=x" not in page and "<b>x</b>" not in page
+    assert page.count("data:image/png;base64,") == 2  # group bars and training curves, drawn despite the names
+    assert page.count("<section") == page.count("</section>") == len(runs)
+    assert page.count("</style>") == 1 and "alert(4)" in page  # there, as text
