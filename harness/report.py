@@ -334,8 +334,8 @@ def cost_frame(runs: pd.DataFrame, epochs: pd.DataFrame | None = None) -> pd.Dat
         spent = pd.to_numeric(sel["wall_time_s"], errors="coerce").fillna(0.0)
         speeds = [speed[i] for i in done["id"] if i in speed]
         rows.append({"method": label, "runs_done": n, "runs_all": len(sel), "wall_mean_s": mean, "wall_std_s": std,
-                     "gpu_hours": float(spent[kind == False].sum()) / 3600,  # noqa: E712 - None is unknown
-                     "cpu_hours": float(spent[kind == True].sum()) / 3600,  # noqa: E712
+                     "gpu_hours": float(spent[kind.map(lambda c: c is False)].sum()) / 3600,  # None: unknown
+                     "cpu_hours": float(spent[kind.map(lambda c: c is True)].sum()) / 3600,
                      "unknown_device_runs": int(kind.isna().sum()),
                      "images_per_s": float(np.mean(speeds)) if speeds else float("nan"),
                      "runs": id_list(done["id"])})
@@ -345,7 +345,7 @@ def cost_frame(runs: pd.DataFrame, epochs: pd.DataFrame | None = None) -> pd.Dat
 
 NOT_RECORDED = "not recorded"
 NA_CPU = "n/a (CPU)"
-# (label, how to read it from a run's start record: a key of `versions`, or a function of the run)
+# Table 4's fields, in order: keys of a run's start or resume record (its versions, device and git_rev)
 ENV_FIELDS = ("device", "driver", "cuda", "cudnn", "torch", "torchvision", "python", "precision", "commit",
               "container_image")
 ENV_LABEL = {"device": "GPU / device", "driver": "GPU driver", "cuda": "CUDA", "cudnn": "cuDNN", "torch": "torch",
@@ -397,7 +397,8 @@ def environment_frame(runs: pd.DataFrame) -> pd.DataFrame:
         seen = {}
         for _, r in done[done["split"] == split].iterrows():
             digest = _dict(r.get("config")).get("split_sha256")
-            seen.setdefault(f"{split}: {digest[:16]}…" if digest else f"{split}: {NOT_RECORDED}", []).append(int(r["id"]))
+            value = f"{split}: {digest[:16]}…" if isinstance(digest, str) and digest else f"{split}: {NOT_RECORDED}"
+            seen.setdefault(value, []).append(int(r["id"]))
         for value, ids in seen.items():
             rows.append({"field": "split", "value": value, "runs": id_list(ids)})
     return pd.DataFrame(rows, columns=["field", "value", "runs"])
