@@ -26,6 +26,10 @@
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
+# Recorded with every run (harness/train.py `environment()`): which image it ran in, and the commit
+# (the build context has no .git; `make reproduce` passes `git rev-parse HEAD`).
+ARG BASE_IMAGE
+ARG HARNESS_GIT_REV=
 ARG HARNESS_UID=1000
 ARG HARNESS_GID=1000
 # GNU make for `make reproduce-inside`; this version is the one of Ubuntu 24.04 (the base image's OS).
@@ -97,7 +101,9 @@ ENV VIRTUAL_ENV=/opt/venv \
     VENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH} \
     HARNESS_REGISTRY=sqlite:////app/results/registry.db \
-    HARNESS_SPLITS=/app/splits/paper
+    HARNESS_SPLITS=/app/splits/paper \
+    HARNESS_CONTAINER_IMAGE="bcl-harness (base ${BASE_IMAGE})" \
+    HARNESS_GIT_REV=${HARNESS_GIT_REV}
 
 USER ${HARNESS_UID}:${HARNESS_GID}
 VOLUME ["/app/data", "/app/results", "/app/checkpoints"]

@@ -37,11 +37,12 @@ smoke:  ## data -> splits -> train (every method, 2 epochs) -> eval -> report, o
 		--shots full,50 --probe-epochs 20 --devices cpu --data-root $(SMOKE)/data --checkpoint-dir $(SMOKE)/checkpoints
 	$(SMOKE_ENV) $(HARNESS) report --data-root $(SMOKE)/data --plots $(SMOKE)/plots
 	$(SMOKE_ENV) $(HARNESS) report --format markdown --out $(SMOKE)/report.md
-	@echo "smoke: tables in $(SMOKE)/report.md, plots in $(SMOKE)/plots"
+	$(SMOKE_ENV) $(HARNESS) report --format html --data-root $(SMOKE)/data --out $(SMOKE)/report.html
+	@echo "smoke: tables in $(SMOKE)/report.md, the page in $(SMOKE)/report.html, plots in $(SMOKE)/plots"
 
 reproduce:  ## on a GPU host: build the container and run the paper's whole matrix inside it
 	mkdir -p data results checkpoints splits/paper   # else the engine creates them owned by root
-	HARNESS_UID=$$(id -u) HARNESS_GID=$$(id -g) docker compose build
+	HARNESS_UID=$$(id -u) HARNESS_GID=$$(id -g) HARNESS_GIT_REV=$$(git rev-parse HEAD 2>/dev/null) docker compose build
 	docker compose run --rm harness make reproduce-inside DATA_SOURCE="$(DATA_SOURCE)" EPOCHS="$(EPOCHS)"
 
 reproduce-inside:  ## what `reproduce` runs in the container: data, splits, 4 methods x 5 splits, eval, report
@@ -51,6 +52,7 @@ reproduce-inside:  ## what `reproduce` runs in the container: data, splits, 4 me
 	$(HARNESS) run --methods simclr,sdclr,bcl-i,bcl-d --splits 1-5 --seeds 10 $(if $(EPOCHS),--epochs $(EPOCHS))
 	$(HARNESS) report --plots results/plots
 	$(HARNESS) report --format markdown --out results/report.md
+	$(HARNESS) report --format html --out results/report.html
 	$(HARNESS) report --format csv --out results/report.csv
 
 report: ## the paper's tables from the registry, plus plots in results/plots

@@ -18,6 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 from harness import data as data_mod
 from harness import splits as splits_mod
 from harness.errors import HarnessError, mask_secrets, user_message
+from harness.export import export_app
 from harness.registry import ENV_VAR as REGISTRY_ENV, Registry, to_json
 from harness.signals import stop_exit_code
 
@@ -74,6 +75,7 @@ runs_app = typer.Typer(help="Browse the result registry: list, show and delete r
 app.add_typer(data_app, name="data")
 app.add_typer(splits_app, name="splits")
 app.add_typer(runs_app, name="runs")
+app.add_typer(export_app, name="export")
 
 RegistryOpt = Annotated[Optional[str], typer.Option(
     "--registry", help=f"SQLAlchemy URL of the result registry (default: ${REGISTRY_ENV} or "

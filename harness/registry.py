@@ -41,7 +41,7 @@ from harness.errors import HarnessError, mask_secrets
 if TYPE_CHECKING:  # the *_frame methods import pandas when called: the CLI starts faster without it
     import pandas as pd
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_URL = "sqlite:///results/registry.db"
 ENV_VAR = "HARNESS_REGISTRY"
 LEASE_ENV_VAR = "HARNESS_LEASE_S"        # seconds a claim or run lease lasts unless renewed
@@ -153,6 +153,8 @@ class EpochMetric(Base):
     weight_q75: Mapped[float | None] = mapped_column(Float, nullable=True)
     weight_q90: Mapped[float | None] = mapped_column(Float, nullable=True)
     extra: Mapped[dict] = mapped_column(JSON, default=dict)  # e.g. kNN monitor accuracy
+    # when the epoch's row was written (schema 4; exports give metrics their original times)
+    logged_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, default=utcnow)
 
 
 class ProbeMetric(Base):
@@ -211,6 +213,8 @@ MIGRATIONS: dict[int, list[str | tuple[str, str]]] = {
         ("postgresql", "ALTER TABLE runs ADD COLUMN heartbeat_at TIMESTAMP WITHOUT TIME ZONE"),
         # SQLite does not enforce VARCHAR lengths; PostgreSQL does
         *[("postgresql", f"ALTER TABLE {t} ALTER COLUMN {c} TYPE TEXT") for t, c in _TO_TEXT]],
+    3: [("sqlite", "ALTER TABLE epoch_metrics ADD COLUMN logged_at DATETIME"),
+        ("postgresql", "ALTER TABLE epoch_metrics ADD COLUMN logged_at TIMESTAMP WITHOUT TIME ZONE")],
 }
 _PG_SCHEMA_LOCK = 0x68_61_72_6E_65_73_73  # pg_advisory_xact_lock key: "harness"
 
@@ -647,7 +651,8 @@ class Registry:
         import pandas as pd
 
         cols = ["id", "method", "split", "seed", "epochs", "epochs_done", "status", "tags",
-                "device", "wall_time_s", "created_at", "finished_at", "config"]
+                "device", "wall_time_s", "created_at", "finished_at", "config", "versions", "git_rev",
+                "started_at", "error"]
         runs = self.list_runs(**filters)
         return pd.DataFrame([{c: r[c] for c in cols} for r in runs], columns=cols)
 
@@ -658,7 +663,7 @@ class Registry:
 
         runs = {r["id"]: r for r in self.list_runs(**filters)}
         cols = ["run_id", "method", "split", "seed", "epochs", "status", "tags", "kind", "subset",
-                "top1", "top5", "many", "medium", "few", "std", "per_class"]
+                "top1", "top5", "many", "medium", "few", "std", "per_class", "config", "created_at"]
         if not runs:
             return pd.DataFrame(columns=cols)
         with self.session() as s:
@@ -671,7 +676,8 @@ class Registry:
                             "seed": r["seed"], "epochs": r["epochs"], "status": r["status"],
                             "tags": r["tags"], "kind": p.kind, "subset": p.subset, "top1": p.top1,
                             "top5": p.top5, "many": p.many, "medium": p.medium, "few": p.few,
-                            "std": p.std, "per_class": p.per_class})
+                            "std": p.std, "per_class": p.per_class, "config": p.config,
+                            "created_at": p.created_at})
         return pd.DataFrame(out, columns=cols)
 
     @_retrying

@@ -67,11 +67,13 @@ def run_scores(probes: pd.DataFrame) -> pd.DataFrame:
     Std is recomputed from the averaged group accuracies (population std of the three)."""
     import pandas as pd
 
-    cols = ["run_id", "method", "split", "kind", "top1", "many", "medium", "few", "std", "subsets"]
+    cols = ["run_id", "method", "split", "seed", "kind", "top1", "many", "medium", "few", "std", "subsets"]
     if probes.empty:
         return pd.DataFrame(columns=cols)
     p = probes.assign(**{c: pd.to_numeric(probes[c], errors="coerce") for c in ("top1", "many", "medium", "few")})
-    g = p.groupby(["run_id", "method", "split", "kind"], sort=True)
+    if "seed" not in p:
+        p = p.assign(seed=-1)
+    g = p.groupby(["run_id", "method", "split", "seed", "kind"], sort=True)
     out = g[["top1", "many", "medium", "few"]].mean()
     out["subsets"] = g.size()
     out["std"] = out[["many", "medium", "few"]].std(axis=1, ddof=0, skipna=False)
@@ -87,6 +89,27 @@ def mean_std(values: pd.Series) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if n > 1 else float("nan"), n
 
 
+def over_splits(sel: pd.DataFrame, col: str) -> dict:
+    """One method's per-run scores (`sel`: run_scores rows) summarised the way the tables show them:
+    each split's runs (its seeds) averaged first, then mean and sample std over the splits; `seed_sd`
+    is the spread over seeds within a split (pooled: root mean of the per-split variances), NaN when
+    no split has two seeds. `n` counts runs, `splits` splits."""
+    v = sel[["split", "seed", col]].dropna(subset=[col])
+    v = v.assign(**{col: v[col].astype(float)})
+    if v.empty:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0, "splits": 0, "seed_sd": float("nan")}
+    per_split = v.groupby("split")[col]
+    mean, std, n_splits = mean_std(per_split.mean())
+    variances = per_split.var(ddof=1).dropna()
+    seed_sd = float(np.sqrt(variances.mean())) if len(variances) else float("nan")
+    return {"mean": mean, "std": std, "n": len(v), "splits": n_splits, "seed_sd": seed_sd}
+
+
+def id_list(ids) -> str:
+    """Run ids as one plain field ("1 2 5"): sortable, splittable, no CSV quoting."""
+    return " ".join(str(int(i)) for i in sorted(set(ids)))
+
+
 def empty_reason(method: str, runs: pd.DataFrame, done: pd.DataFrame) -> str:
     if not (runs["method"] == method).any():
         return "no runs"
@@ -99,8 +122,9 @@ PAPER_SPLITS = {f"split{k}" for k in range(1, 6)}
 
 
 def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame, paper_rows: bool = False) -> pd.DataFrame:
-    """Numeric Table 1: per method and shot the mean, std, n over done runs, the published
-    number and the difference; `<shot>_note` says why a cell is empty."""
+    """Numeric Table 1: per method and shot the mean and std over splits (seeds averaged per split
+    first; `<shot>_seed_sd` their spread), n runs and splits, the published number and the difference;
+    `<shot>_note` says why a cell is empty; `runs` the ids of the done runs averaged in."""
     import pandas as pd
 
     done, dprobes, _ = done_only(runs, probes)
@@ -109,19 +133,23 @@ def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame, paper_rows: bool = Fa
     for m in methods_in_order(list(runs["method"]) + list(probes["method"]), paper_rows):
         row: dict = {"method": m}
         for s in SHOTS:
-            mean, std, n = mean_std(scores.loc[(scores["method"] == m) & (scores["kind"] == s), "top1"])
+            a = over_splits(scores[(scores["method"] == m) & (scores["kind"] == s)], "top1")
             # published numbers are for the paper's CIFAR-100-LT splits; beside other data they mislead
             on_paper = set(done.loc[done["method"] == m, "split"]) <= PAPER_SPLITS
             paper = PUBLISHED.get(m, {}).get(s, float("nan")) if on_paper else float("nan")
-            row.update({f"{s}_mean": mean, f"{s}_std": std, f"{s}_n": n, f"{s}_paper": paper,
-                        f"{s}_diff": mean - paper, f"{s}_note": "" if n else empty_reason(m, runs, done)})
+            row.update({f"{s}_mean": a["mean"], f"{s}_std": a["std"], f"{s}_n": a["n"],
+                        f"{s}_splits": a["splits"], f"{s}_seed_sd": a["seed_sd"], f"{s}_paper": paper,
+                        f"{s}_diff": a["mean"] - paper, f"{s}_note": "" if a["n"] else empty_reason(m, runs, done)})
+        row["runs"] = id_list(scores.loc[scores["method"] == m, "run_id"])
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def table2_frame(runs: pd.DataFrame, probes: pd.DataFrame, shot: str = "full",
                  paper_rows: bool = False) -> pd.DataFrame:
-    """Numeric Table 2 for one shot: Many/Medium/Few/Std/All, mean and std over done runs."""
+    """Numeric Table 2 for one shot: Many/Medium/Few/Std/All, mean and std over splits (as in Table 1).
+    Std is the paper's balancedness measure (population std of the three group accuracies of a run);
+    `std_std` is its spread over splits."""
     import pandas as pd
 
     done, dprobes, _ = done_only(runs, probes)
@@ -132,9 +160,10 @@ def table2_frame(runs: pd.DataFrame, probes: pd.DataFrame, shot: str = "full",
         sel = scores[scores["method"] == m]
         row: dict = {"method": m}
         for gname in GROUPS:
-            mean, std, _ = mean_std(sel[gname])
-            row.update({f"{gname}_mean": mean, f"{gname}_std": std})
+            a = over_splits(sel, gname)
+            row.update({f"{gname}_mean": a["mean"], f"{gname}_std": a["std"]})
         row["n"] = len(sel)
+        row["runs"] = id_list(sel["run_id"])
         row["note"] = "" if len(sel) else empty_reason(m, runs, done)
         if len(sel) and sel["many"].isna().all():
             row["note"] = "no class groups"
@@ -154,9 +183,11 @@ def report_notes(runs: pd.DataFrame, probes: pd.DataFrame) -> list[str]:
     if other:
         notes.append(f"Runs on splits other than the paper's ({', '.join(other)}): no published numbers beside "
                      "their methods.")
-    quick = quick_try_runs(runs[runs["status"] == "done"])
-    if quick:
-        notes.append("Runs off the paper's recipe, averaged in as they are: " + "; ".join(quick) + ".")
+    resumed = resumed_runs(runs[runs["status"] == "done"])
+    if resumed:
+        notes.append(f"Resumed after a stop: {len(resumed)} of the done runs ("
+                     + ", ".join(f"#{i}: {k}x" for i, k in resumed.items()) + "); a resume continues exactly.")
+    notes += [f"Deviation from the authors' recipe: {d}." for d in recipe_deviations(runs, probes)]
     sc = run_scores(dprobes)
     partial = sc[(sc["kind"] != "full") & (sc["subsets"] < 5)]
     for _, r in partial.iterrows():
@@ -165,24 +196,240 @@ def report_notes(runs: pd.DataFrame, probes: pd.DataFrame) -> list[str]:
     return notes
 
 
-def quick_try_runs(done: pd.DataFrame) -> list[str]:
-    """'#id (width 16, 200 images of the split, temperature=0.5)' for runs made with the quick-try knobs
-    or with method options (`--set`) off the paper's recipe."""
-    from methods import registry
+# -- how the numbers were obtained: deviations, resumes, cost, environment -------------------------
 
-    out = []
-    if "config" not in done:
-        return out
-    for _, r in done.iterrows():
-        cfg = r["config"] if isinstance(r["config"], dict) else {}
-        method_cfg = cfg.get("method") if isinstance(cfg.get("method"), dict) else {}
-        width = method_cfg.get("width", 64)
-        marks = ([f"width {width}"] if width != 64 else []) + \
-                ([f"{cfg['subset']} images of the split"] if cfg.get("subset") else []) + \
-                registry.departures(r["method"], method_cfg)
-        if marks:
-            out.append(f"#{r['id']} ({', '.join(marks)})")
+def run_ids_text(ids) -> str:
+    """'#1-#3, #7': run ids, consecutive ones as ranges."""
+    ids = sorted(set(int(i) for i in ids))
+    parts, start = [], None
+    for i, rid in enumerate(ids):
+        if start is None:
+            start = rid
+        if i + 1 == len(ids) or ids[i + 1] != rid + 1:
+            parts.append(f"#{start}" if start == rid else f"#{start}-#{rid}")
+            start = None
+    return ", ".join(parts)
+
+
+def _dict(v) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def resumed_runs(runs: pd.DataFrame) -> dict[int, int]:
+    """{run id: times resumed} of the runs whose versions record resumes."""
+    if "versions" not in runs:
+        return {}
+    out = {}
+    for _, r in runs.iterrows():
+        k = len(_dict(r["versions"]).get("resumes") or [])
+        if k:
+            out[int(r["id"])] = k
     return out
+
+
+def run_precision(run) -> str | None:
+    """The precision a run trained in: recorded at its start, else what 'auto' meant on its device."""
+    recorded = _dict(run.get("versions")).get("precision")
+    if recorded:
+        return recorded
+    asked = _dict(run.get("config")).get("precision")
+    if asked in ("bf16", "fp32"):
+        return asked
+    if asked == "auto" and _present(run.get("device")):
+        return "fp32" if str(run["device"]).startswith("cpu") else "bf16"
+    return None
+
+
+# method settings the authors' recipe fixes (SPEC 5), and for which methods each one matters
+_NOT_RECIPE = ("name", "seed")  # a run's identity, not its recipe
+_FIELD_WORDS = {"epochs": "{v} epochs instead of {d}", "batch_size": "batch {v} instead of {d}",
+                "width": "ResNet-18 width {v} instead of {d}", "lr": "lr {v} instead of {d}",
+                "weight_decay": "weight decay {v} instead of {d}"}
+_PROBE_FIELDS = ("epochs", "lr", "final_lr", "weight_decay", "batch_size")
+
+
+def _paper_probe() -> dict:
+    try:
+        from harness.probe import ProbeConfig
+    except ImportError:  # pragma: no cover - torch missing: no probe comparison
+        return {}
+    d = ProbeConfig()
+    return {k: getattr(d, k) for k in _PROBE_FIELDS}
+
+
+def _paper_recipe(method: str) -> dict | None:
+    try:
+        from methods.base import default_config
+        return default_config(method).to_dict()
+    except (ImportError, ValueError):  # a method the paper has no recipe for
+        return None
+
+
+def run_deviations(run, probe_configs: Sequence[dict] = ()) -> list[str]:
+    """What one run did differently from the authors' recipe, in words, from its own recorded config
+    (nothing for a setting the run did not record)."""
+    cfg = _dict(run.get("config"))
+    method_cfg = _dict(cfg.get("method"))
+    out = []
+    paper = _paper_recipe(str(run["method"])) if method_cfg else None
+    for name, d in (paper or {}).items():  # the shared recipe and the method's own options (--set)
+        if name in _NOT_RECIPE or name not in method_cfg:
+            continue
+        v = method_cfg[name]
+        if v != d:
+            out.append(_FIELD_WORDS.get(name, name.replace("_", " ") + " {v} instead of {d}").format(v=v, d=d))
+    if cfg.get("subset"):
+        out.append(f"trained on {cfg['subset']} images of the split (a seeded subset), not all of it")
+    prec = run_precision(run) if method_cfg else None
+    if prec == "bf16":
+        out.append("bf16 autocast instead of fp32")
+    paper_probe = _paper_probe()
+    for pc in probe_configs:
+        pc = _dict(pc)
+        for name, d in paper_probe.items():
+            if name in pc and pc[name] != d:
+                out.append(f"probe {name.replace('_', ' ')} {pc[name]} instead of {d}")
+        if pc.get("bf16"):
+            out.append("probe features in bf16 instead of fp32")
+    return list(dict.fromkeys(out))  # once each, in order
+
+
+def recipe_deviations(runs: pd.DataFrame, probes: pd.DataFrame) -> list[str]:
+    """'<deviation> (runs #1-#4)' for every deviation any done run has, from the runs' own configs."""
+    done = runs[runs["status"] == "done"]
+    by_run = {}
+    if "config" in probes:
+        for rid, g in probes.groupby("run_id"):
+            by_run[rid] = list(g["config"])
+    seen: dict[str, list[int]] = {}
+    for _, r in done.iterrows():
+        for d in run_deviations(r, by_run.get(r["id"], ())):
+            seen.setdefault(d, []).append(int(r["id"]))
+    return [f"{d} ({'run' if len(ids) == 1 else 'runs'} {run_ids_text(ids)})" for d, ids in seen.items()]
+
+
+def epoch_speed(epochs: pd.DataFrame | None) -> dict[int, float]:
+    """{run id: median images/s over its epochs}."""
+    if epochs is None or epochs.empty or "images_per_s" not in epochs:
+        return {}
+    e = epochs.dropna(subset=["images_per_s"])
+    return {int(k): float(v) for k, v in e.groupby("run_id")["images_per_s"].median().items()}
+
+
+def on_cpu(device) -> bool | None:
+    """True/False for a known device string, None when the run did not record one."""
+    if not _present(device):
+        return None
+    return str(device).startswith("cpu")
+
+
+def cost_frame(runs: pd.DataFrame, epochs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Numeric Table 3 (cost), one row per method with runs and one for all: done runs, wall time per
+    done run (mean, std), GPU- and CPU-hours spent by every run (failed and interrupted ones too),
+    images/s (median over a run's epochs, mean over done runs), and the done runs' ids."""
+    import pandas as pd
+
+    speed = epoch_speed(epochs)
+    rows = []
+    groups = [(m, runs[runs["method"] == m]) for m in methods_in_order(runs["method"]) if (runs["method"] == m).any()]
+    for label, sel in groups + ([("all", runs)] if len(groups) else []):
+        done = sel[sel["status"] == "done"]
+        wall = pd.to_numeric(done["wall_time_s"], errors="coerce")
+        mean, std, n = mean_std(wall)
+        kind = sel["device"].map(on_cpu) if "device" in sel else pd.Series([None] * len(sel), index=sel.index)
+        spent = pd.to_numeric(sel["wall_time_s"], errors="coerce").fillna(0.0)
+        speeds = [speed[i] for i in done["id"] if i in speed]
+        rows.append({"method": label, "runs_done": n, "runs_all": len(sel), "wall_mean_s": mean, "wall_std_s": std,
+                     "gpu_hours": float(spent[kind.map(lambda c: c is False)].sum()) / 3600,  # None: unknown
+                     "cpu_hours": float(spent[kind.map(lambda c: c is True)].sum()) / 3600,
+                     "unknown_device_runs": int(kind.isna().sum()),
+                     "images_per_s": float(np.mean(speeds)) if speeds else float("nan"),
+                     "runs": id_list(done["id"])})
+    return pd.DataFrame(rows, columns=["method", "runs_done", "runs_all", "wall_mean_s", "wall_std_s", "gpu_hours",
+                                       "cpu_hours", "unknown_device_runs", "images_per_s", "runs"])
+
+
+NOT_RECORDED = "not recorded"
+NA_CPU = "n/a (CPU)"
+# Table 4's fields, in order: keys of a run's start or resume record (its versions, device and git_rev)
+ENV_FIELDS = ("device", "driver", "cuda", "cudnn", "torch", "torchvision", "python", "precision", "commit",
+              "container_image")
+ENV_LABEL = {"device": "GPU / device", "driver": "GPU driver", "cuda": "CUDA", "cudnn": "cuDNN", "torch": "torch",
+             "torchvision": "torchvision", "python": "Python", "precision": "precision", "commit": "commit",
+             "container_image": "container image", "split": "split digest"}
+
+
+def _present(v) -> bool:
+    """A recorded value: not None, not a pandas NaN, not empty."""
+    return v is not None and not (isinstance(v, float) and np.isnan(v)) and v != ""
+
+
+def env_value(record: dict, field: str, cpu: bool | None) -> str:
+    """One environment field of a start or resume record (versions plus device and git_rev)."""
+    if field == "commit":
+        rev = record.get("git_rev")
+        return str(rev)[:12] if _present(rev) else NOT_RECORDED
+    if field in ("driver", "cuda", "cudnn") and cpu:
+        return NA_CPU
+    if field == "container_image" and field in record and not _present(record[field]):
+        return "none"  # recorded: the run was not in a container
+    v = record.get(field)
+    return str(v) if _present(v) else NOT_RECORDED
+
+
+def environment_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """Numeric Table 4 (environment) of the done runs: per field every value seen, at the run's start
+    or any resume, with the ids of the runs that had it ("not recorded" for runs older than the field);
+    then the digest of each split's indices as the runs recorded it."""
+    import pandas as pd
+
+    done = runs[runs["status"] == "done"]
+    rows = []
+    for field in ENV_FIELDS:
+        seen: dict[str, list[int]] = {}
+        for _, r in done.iterrows():
+            versions = _dict(r.get("versions"))
+            start = {**versions, "device": r.get("device"), "git_rev": r.get("git_rev")}
+            if field == "precision":
+                start["precision"] = run_precision(r)
+            for rec in [start] + [_dict(x) for x in versions.get("resumes") or []]:
+                value = env_value(rec, field, on_cpu(rec.get("device")))
+                ids = seen.setdefault(value, [])
+                if int(r["id"]) not in ids:
+                    ids.append(int(r["id"]))
+        for value, ids in sorted(seen.items(), key=lambda kv: (kv[0] == NOT_RECORDED, kv[0])):
+            rows.append({"field": field, "value": value, "runs": id_list(ids)})
+    for split in sorted(set(done["split"])):
+        seen = {}
+        for _, r in done[done["split"] == split].iterrows():
+            digest = _dict(r.get("config")).get("split_sha256")
+            value = f"{split}: {digest[:16]}…" if isinstance(digest, str) and digest else f"{split}: {NOT_RECORDED}"
+            seen.setdefault(value, []).append(int(r["id"]))
+        for value, ids in seen.items():
+            rows.append({"field": "split", "value": value, "runs": id_list(ids)})
+    return pd.DataFrame(rows, columns=["field", "value", "runs"])
+
+
+def cost_notes(cost: pd.DataFrame) -> list[str]:
+    notes = ["Wall time: training only (probes not included); GPU- and CPU-hours: every run's training time, "
+             "failed and interrupted runs included, one device per run."]
+    total = cost[cost["method"] == "all"]
+    if len(total) and total.iloc[0]["unknown_device_runs"]:
+        notes.append(f"{total.iloc[0]['unknown_device_runs']} run(s) recorded no device: in neither total.")
+    return notes
+
+
+def environment_notes(env: pd.DataFrame) -> list[str]:
+    notes = []
+    for field in ENV_FIELDS:
+        values = env.loc[(env["field"] == field) & ~env["value"].isin([NOT_RECORDED, NA_CPU]), "value"]
+        if len(values) > 1:
+            notes.append(f"{ENV_LABEL[field]} differs between runs (or between a run's start and its resumes).")
+    digests = env.loc[(env["field"] == "split") & ~env["value"].str.endswith(NOT_RECORDED), "value"]
+    split_names = digests.str.rsplit(":", n=1).str[0]
+    for name in sorted(set(split_names[split_names.duplicated()])):
+        notes.append(f"Runs on {name} recorded different digests of its indices: they trained on different images.")
+    return notes
 
 
 # -- display -------------------------------------------------------------------------------------
@@ -197,33 +444,73 @@ def fmt_num(v: float, spec: str = ".1f") -> str:
     return DASH if v is None or np.isnan(v) else format(v, spec)
 
 
+def runs_cell(ids: str) -> str:
+    """The Runs column: the row's run ids ("#1-#3, #7"), or a dash."""
+    return run_ids_text(ids.split()) if isinstance(ids, str) and ids.strip() else DASH
+
+
 def table1_display(t1: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     headers = ["Method"]
     for s in SHOTS:
         headers += [SHOT_LABEL[s], "Paper", "Δ"]
+    headers.append("Runs")
     rows = []
     for _, r in t1.iterrows():
         row = [method_label(r["method"])]
         for s in SHOTS:
             if r[f"{s}_n"]:
-                cell = f"{fmt_mean_std(r[f'{s}_mean'], r[f'{s}_std'])} (n={r[f'{s}_n']})"
+                seeds = r.get(f"{s}_seed_sd", float("nan"))
+                extra = "" if np.isnan(seeds) else f"; seeds ± {seeds:.2f}"
+                cell = f"{fmt_mean_std(r[f'{s}_mean'], r[f'{s}_std'])} (n={r[f'{s}_n']}{extra})"
             else:
                 cell = f"{DASH} ({r[f'{s}_note']})"
             row += [cell, fmt_num(r[f"{s}_paper"]), fmt_num(r[f"{s}_diff"], "+.2f")]
-        rows.append(row)
+        rows.append(row + [runs_cell(r.get("runs", ""))])
     return headers, rows
 
 
+STD_HEADER = "Std (balance)"  # the paper's balancedness measure, not a spread over runs
+
+
 def table2_display(t2: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    headers = ["Method"] + [GROUP_LABEL[g] for g in GROUPS] + ["n"]
+    headers = ["Method"] + [STD_HEADER if g == "std" else GROUP_LABEL[g] for g in GROUPS] + ["n", "Runs"]
     rows = []
     for _, r in t2.iterrows():
         row = [method_label(r["method"])]
         cells = [fmt_mean_std(r[f"{g}_mean"], r[f"{g}_std"]) for g in GROUPS]
         if r["note"]:  # say why in the first empty cell
             cells[0] = f"{DASH} ({r['note']})"
-        rows.append(row + cells + [str(r["n"])])
+        rows.append(row + cells + [str(r["n"]), runs_cell(r.get("runs", ""))])
     return headers, rows
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds is None or np.isnan(seconds):
+        return DASH
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def cost_display(cost: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    headers = ["Method", "Done runs", "Wall time per run", "GPU-hours", "CPU-hours", "images/s", "Runs"]
+    rows = []
+    for _, r in cost.iterrows():
+        wall = fmt_duration(r["wall_mean_s"])
+        if not np.isnan(r["wall_std_s"]):
+            wall += f" ± {fmt_duration(r['wall_std_s'])}"
+        rows.append(["All" if r["method"] == "all" else method_label(r["method"]),
+                     f"{r['runs_done']} of {r['runs_all']}", wall, f"{r['gpu_hours']:.2f}", f"{r['cpu_hours']:.2f}",
+                     fmt_num(r["images_per_s"], ",.0f"), runs_cell(r["runs"])])
+    return headers, rows
+
+
+def environment_display(env: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    headers = ["Field", "Value", "Runs"]
+    return headers, [[ENV_LABEL.get(r["field"], r["field"]), r["value"], runs_cell(r["runs"])]
+                     for _, r in env.iterrows()]
 
 
 # Every cell, title and note is plain text (user strings such as method and split names
@@ -316,31 +603,67 @@ def render_csv(frame: pd.DataFrame) -> str:
 
 
 def table1_title() -> str:
-    return ("Table 1: linear-probe top-1 accuracy (%) on CIFAR-100-LT, mean ± std over done runs "
-            "(few-shot: 5 subsets averaged per run first); Paper: authors' README (split 1, one run)")
+    return ("Table 1: linear-probe top-1 accuracy (%) on CIFAR-100-LT, mean ± std over splits of done runs "
+            "(a split's seeds averaged first, their spread as 'seeds ±'; few-shot: 5 subsets averaged per run "
+            "first); n: runs; Paper: authors' README (split 1, one run)")
 
 
 def table2_title(shot: str) -> str:
     return (f"Table 2: {SHOT_LABEL[shot]} top-1 accuracy (%) by class group of the pretraining split "
-            "(Many 34 / Medium 33 / Few 33 classes; Std: population std of the three), mean ± std over done runs")
+            "(Many 34 / Medium 33 / Few 33 classes), mean ± std over splits of done runs; Std (balance): the "
+            "paper's balancedness measure, the population std of a run's three group accuracies (lower is more "
+            "balanced), not a spread over runs")
+
+
+def table3_title() -> str:
+    return "Table 3: cost of the runs (training), per method and in all"
+
+
+def table4_title() -> str:
+    return "Table 4: environment of the done runs, as each run recorded it at its start and at every resume"
+
+
+TABLES = (1, 2, 3, 4)  # the paper's two tables, cost, environment
+
+
+def table_frame(t: int, runs: pd.DataFrame, probes: pd.DataFrame, shot: str,
+                epochs: pd.DataFrame | None, paper_rows: bool = False) -> pd.DataFrame:
+    if t == 1:
+        return table1_frame(runs, probes, paper_rows)
+    if t == 2:
+        return table2_frame(runs, probes, shot, paper_rows)
+    if t == 3:
+        return cost_frame(runs, epochs)
+    return environment_frame(runs)
+
+
+def table_parts(t: int, frame: pd.DataFrame, shot: str, notes: list[str]) -> tuple[str, list[str], list[list[str]], list[str]]:
+    """(title, headers, rows, notes) of table `t` for display."""
+    if t == 1:
+        return (table1_title(), *table1_display(frame), notes)
+    if t == 2:
+        return (table2_title(shot), *table2_display(frame), notes)
+    if t == 3:
+        return (table3_title(), *cost_display(frame), cost_notes(frame))
+    return (table4_title(), *environment_display(frame), environment_notes(frame))
 
 
 def render_report(runs: pd.DataFrame, probes: pd.DataFrame, fmt: str = "term", shot: str = "full",
-                  tables: Sequence[int] = (1, 2), paper_rows: bool = False) -> str:
-    """The requested tables in one format (csv: one table, tidy: one header line, then its rows); rows
-    for the methods with runs, and with `paper_rows` for the paper's four as well."""
+                  tables: Sequence[int] = (1, 2), epochs: pd.DataFrame | None = None,
+                  paper_rows: bool = False) -> str:
+    """The requested tables in one format (csv: one table, tidy: one header line, then its rows).
+    `epochs` (the registry's epoch frame) gives Table 3 its images/s; `paper_rows`: the paper's four
+    methods have rows even without runs (else only methods with runs)."""
     if fmt == "csv" and len(tables) != 1:
         raise ValueError("a CSV file holds one table")
     notes = report_notes(runs, probes)
     parts = []
     for t in tables:
-        frame = table1_frame(runs, probes, paper_rows) if t == 1 else table2_frame(runs, probes, shot, paper_rows)
+        frame = table_frame(t, runs, probes, shot, epochs, paper_rows)
         if fmt == "csv":
             parts.append(render_csv(frame))
             continue
-        headers, rows = table1_display(frame) if t == 1 else table2_display(frame)
-        title = table1_title() if t == 1 else table2_title(shot)
-        parts.append(RENDERERS[fmt](title, headers, rows, notes))
+        parts.append(RENDERERS[fmt](*table_parts(t, frame, shot, notes)))
     return "\n".join(parts)
 
 
@@ -363,6 +686,12 @@ def per_class_points(probes: pd.DataFrame, counts_by_split: dict[str, np.ndarray
     return pd.DataFrame(recs, columns=["method", "run_id", "class", "count", "acc"])
 
 
+def plot_label(s: str) -> str:
+    """A user string as a legend label: visible escapes for control characters, and no $ that would
+    start matplotlib's mathtext (a method named '$\\frac$' must not break the plot)."""
+    return visible(s).replace("$", r"\$")
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
@@ -380,7 +709,7 @@ def plot_per_class(points: pd.DataFrame, shot: str, out: Path) -> None:
         dots = ax.scatter(p["count"].clip(lower=1), p["acc"], s=6, alpha=0.25)
         # running mean over 20 neighbouring classes shows the trend through the scatter
         trend = p["acc"].rolling(20, min_periods=1, center=True).mean()
-        ax.plot(p["count"].clip(lower=1), trend, color=dots.get_facecolor()[0][:3], label=method_label(m))
+        ax.plot(p["count"].clip(lower=1), trend, color=dots.get_facecolor()[0][:3], label=plot_label(method_label(m)))
     ax.set(xscale="log", xlabel="images of the class in the pretraining split",
            ylabel=f"{SHOT_LABEL[shot]} per-class accuracy (%)", title="Per-class accuracy vs class size")
     outside_legend(ax)
@@ -398,7 +727,7 @@ def plot_groups(t2: pd.DataFrame, shot: str, out: Path) -> None:
     for i, (_, r) in enumerate(t2.iterrows()):
         means = [r[f"{g}_mean"] for g in ("many", "medium", "few")]
         errs = [0 if np.isnan(r[f"{g}_std"]) else r[f"{g}_std"] for g in ("many", "medium", "few")]
-        ax.bar(x + i * width, means, width, yerr=errs, capsize=3, label=method_label(r["method"]))
+        ax.bar(x + i * width, means, width, yerr=errs, capsize=3, label=plot_label(method_label(r["method"])))
     ax.set_xticks(x + width * (len(t2) - 1) / 2, ["Many", "Medium", "Few"])
     ax.set(ylabel=f"{SHOT_LABEL[shot]} accuracy (%)", title="Accuracy by class group")
     outside_legend(ax)  # inside, it covers the bars
@@ -425,7 +754,7 @@ def plot_training(epochs: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None:
                 if "weight_q50" in e and e["weight_q50"].notna().any()]
     fig, axes = plt.subplots(1, 2 if weighted else 1, figsize=(12 if weighted else 7, 4.8), squeeze=False)
     ax1 = axes[0][0]
-    label = {r["id"]: f"{method_label(r['method'])} {r['split']} #{r['id']}"
+    label = {r["id"]: plot_label(f"{method_label(r['method'])} {r['split']} #{r['id']}")
              for _, r in runs.iterrows()}
     for run_id, e in epochs.groupby("run_id"):
         ax1.plot(e["epoch"], e["loss"], lw=1, marker="o" if len(e) <= 20 else None, ms=3,
@@ -446,6 +775,76 @@ def plot_training(epochs: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def weight_by_class_points(epochs: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """(method, run_id, epoch, class, count, weight): each BCL run's mean sample weight per class at the
+    last epoch that logged it, against the class's count in what the run trained on (its config)."""
+    import pandas as pd
+
+    cols = ["method", "run_id", "epoch", "class", "count", "weight"]
+    recs = []
+    if epochs is None or epochs.empty or "extra" not in epochs:
+        return pd.DataFrame(columns=cols)
+    info = {int(r["id"]): r for _, r in runs.iterrows()}
+    for run_id, e in epochs.groupby("run_id"):
+        r = info.get(int(run_id))
+        counts = _dict(r.get("config")).get("class_counts") if r is not None else None
+        logged = [(ep, x["weight_by_class"]) for ep, x in zip(e["epoch"], e["extra"])
+                  if isinstance(x, dict) and x.get("weight_by_class")]
+        if not logged or not counts:
+            continue
+        epoch, weights = max(logged, key=lambda t: t[0])
+        for c, (n, w) in enumerate(zip(counts, weights)):
+            if w is not None and n:
+                recs.append({"method": r["method"], "run_id": int(run_id), "epoch": int(epoch), "class": c,
+                             "count": int(n), "weight": float(w)})
+    return pd.DataFrame(recs, columns=cols)
+
+
+def plot_weight_by_class(points: pd.DataFrame, out) -> None:
+    """BCL's mean sample weight per class against the class's size: the tail should weigh more."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods_in_order(points["method"].unique()):
+        p = points[points["method"] == m].sort_values("count")
+        if p.empty:
+            continue
+        dots = ax.scatter(p["count"], p["weight"], s=6, alpha=0.3)
+        trend = p.groupby("count")["weight"].mean().rolling(10, min_periods=1, center=True).mean()
+        ax.plot(trend.index, trend.values, color=dots.get_facecolor()[0][:3], label=plot_label(method_label(m)))
+    ax.set(xscale="log", xlabel="images of the class in the pretraining split",
+           ylabel="mean BCL sample weight w (last logged epoch)", title="BCL weight vs class size")
+    from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 5, 50, not 2 x 10^0
+    ax.xaxis.set_major_formatter(plain)
+    if len(points) and points["count"].max() < 20 * points["count"].min():  # under a decade or so: label minors
+        ax.xaxis.set_minor_formatter(plain)
+    outside_legend(ax)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120, format="png")
+    plt.close(fig)
+
+
+def recorded_class_counts(runs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """{split: class counts} as runs recorded them at their start (runs on a --subset are skipped)."""
+    out: dict[str, np.ndarray] = {}
+    for _, r in runs.iterrows():
+        cfg = _dict(r.get("config"))
+        if cfg.get("class_counts") and not cfg.get("subset") and r["split"] not in out:
+            out[r["split"]] = np.asarray(cfg["class_counts"], dtype=int)
+    return out
+
+
+def class_counts_for(runs: pd.DataFrame, splits: Sequence[str], data_root: Path,
+                     splits_root: Path | None) -> tuple[dict, str]:
+    """Class counts of each split: recorded with the runs, else from the data and split files."""
+    counts = {k: v for k, v in recorded_class_counts(runs).items() if k in splits}
+    missing = [s for s in splits if s not in counts]
+    if not missing:
+        return counts, ""
+    loaded, msg = load_class_counts(missing, data_root, splits_root)
+    return {**counts, **loaded}, msg
 
 
 def load_class_counts(splits: Sequence[str], data_root: Path, splits_root: Path | None) -> tuple[dict, str]:
@@ -474,7 +873,7 @@ def write_plots(registry, runs: pd.DataFrame, probes: pd.DataFrame, shot: str, f
     folder.mkdir(parents=True, exist_ok=True)
     done, dprobes, _ = done_only(runs, probes)
     msgs = []
-    counts, msg = load_class_counts(sorted(dprobes["split"].unique()), data_root, splits_root)
+    counts, msg = class_counts_for(done, sorted(dprobes["split"].unique()), data_root, splits_root)
     if msg:
         msgs.append(msg)
     points = per_class_points(dprobes, counts, shot)
@@ -501,6 +900,12 @@ def write_plots(registry, runs: pd.DataFrame, probes: pd.DataFrame, shot: str, f
     else:
         plot_training(ep, done, folder / "training_curves.png")
         msgs.append(f"wrote {folder / 'training_curves.png'}")
+    weights = weight_by_class_points(ep, done)
+    if weights.empty:
+        msgs.append("BCL weight plot skipped: no done BCL run logged per-class weights")
+    else:
+        plot_weight_by_class(weights, folder / "bcl_weight_vs_count.png")
+        msgs.append(f"wrote {folder / 'bcl_weight_vs_count.png'}")
     return msgs
 
 
@@ -509,11 +914,13 @@ def write_plots(registry, runs: pd.DataFrame, probes: pd.DataFrame, shot: str, f
 def report_command(
     shot: Annotated[str, typer.Option("--shot", help="Probe for Table 2 and the plots: full, 100 or 50.")] = "full",
     fmt: Annotated[str, typer.Option("--format", help="term, markdown, csv (numbers, one table per file), "
-                                                      "latex or html.")] = "term",
+                                                      "latex, or html (one self-contained page: tables, plots, "
+                                                      "every run).")] = "term",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the tables to this file instead of stdout.")] = None,
     plots: Annotated[Optional[Path], typer.Option(
         "--plots", help="Folder for PNG plots: per-class accuracy vs class size, group bars, training curves.")] = None,
-    table: Annotated[str, typer.Option("--table", help="Which tables: 1, 2 or all.")] = "all",
+    table: Annotated[str, typer.Option("--table", help="Which tables: 1, 2, 3 (cost), 4 (environment) "
+                                                       "or all.")] = "all",
     method: Annotated[Optional[str], typer.Option("--method", help="Only runs of this method ({methods}).")] = None,
     paper_rows: Annotated[bool, typer.Option("--paper-rows", help="Also show the paper's four methods "
                                              "({paper_methods}) when they have no runs; by default only "
@@ -532,9 +939,12 @@ def report_command(
     """Print the paper's tables from the registry's probe scores.
 
     Table 1: top-1 per shot beside the published numbers. Table 2:
-    Many/Medium/Few/Std/All for one shot (--shot). Only runs with status
-    'done' count. Rows: the methods with runs, in the method registry's
-    order (each base method, then its BCL wrappings), by report name.
+    Many/Medium/Few/Std/All for one shot (--shot). Table 3: cost (wall
+    time, GPU-hours, images/s). Table 4: the environment the runs recorded.
+    Only runs with status 'done' are averaged in; footnotes count the others
+    and list every deviation from the authors' recipe. Rows: the methods
+    with runs, in the method registry's order (each base method, then its
+    BCL wrappings), by report name.
     """
     from harness.errors import HarnessError
     from harness.registry import Registry
@@ -546,21 +956,41 @@ def report_command(
         fail(f"unknown --shot {shot!r}; one of {', '.join(SHOTS)}")
     if fmt not in FORMATS:
         fail(f"unknown --format {fmt!r}; one of {', '.join(FORMATS)}")
-    tables = {"1": (1,), "2": (2,), "all": (1, 2)}.get(table)
+    tables = {**{str(t): (t,) for t in TABLES}, "all": TABLES}.get(table)
     if tables is None:
-        fail(f"unknown --table {table!r}; one of 1, 2, all")
+        fail(f"unknown --table {table!r}; one of {', '.join(map(str, TABLES))}, all")
     filters = dict(method=method, split=split, epochs=epochs, tag=tag)
     reg = Registry(registry)
     runs, probes = reg.runs_frame(**filters), reg.probe_frame(**filters)
+    # per-epoch rows: images/s for Table 3, the page's training curves
+    epoch_rows = reg.epoch_frame([int(i) for i in runs["id"]]) if len(runs) and (3 in tables or fmt == "html") else None
+    if fmt == "html":  # one page: the tables, the plots, every run's own section
+        from harness.report_html import render_page
+
+        checkpoints = {int(i): ck for i in runs["id"] if (ck := reg.latest_checkpoint(int(i)))}
+        page, msgs = render_page(runs, probes, epoch_rows, shot, tables, data_root, splits_root, checkpoints,
+                                 source=reg._safe_url())
+        for msg in msgs:
+            typer.echo(msg, err=True)
+        if out is None:
+            typer.echo(page, nl=False)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(page, encoding="utf-8")
+            typer.echo(f"wrote {out}", err=True)
+        if plots is not None:
+            for msg in write_plots(reg, runs, probes, shot, plots, data_root, splits_root):
+                typer.echo(msg, err=True)
+        return
     if fmt == "csv" and len(tables) > 1:  # tidy CSV: one table per file
         if out is None:
-            fail("CSV holds one table per file: give --table 1 or --table 2, or --out FILE.csv for "
-                 "FILE_table1.csv and FILE_table2.csv")
+            fail("CSV holds one table per file: give --table 1, 2, 3 or 4, or --out FILE.csv for "
+                 "FILE_table1.csv ... FILE_table4.csv")
         targets = [(t, out.with_name(f"{out.stem}_table{t}{out.suffix or '.csv'}")) for t in tables]
     else:
         targets = [(None, out)]
     for t, path in targets:
-        text = render_report(runs, probes, fmt, shot, (t,) if t else tables, paper_rows)
+        text = render_report(runs, probes, fmt, shot, (t,) if t else tables, epochs=epoch_rows, paper_rows=paper_rows)
         if path is None:
             typer.echo(text, nl=False)
         else:

@@ -30,7 +30,7 @@ import torch
 from torch.profiler import record_function
 
 from harness.errors import HarnessError, describe_os_error
-from harness.data import load_cifar100, sha256_array, sha256_file
+from harness.data import NUM_CLASSES, load_cifar100, sha256_array, sha256_file
 from harness.registry import (Heartbeat, Registry, RegistryError, RegistryUnreachable, check_tags, new_owner,
                               utcnow)
 from harness.safeio import check_readable, load_torch
@@ -120,20 +120,66 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def environment(device: torch.device) -> tuple[str, dict, str | None]:
+IMAGE_ENV_VAR = "HARNESS_CONTAINER_IMAGE"  # set by the Dockerfile: which image a run ran in
+GIT_REV_ENV_VAR = "HARNESS_GIT_REV"          # the commit, where the tree has no .git (the container)
+
+
+def environment(device: torch.device, precision: str | None = None) -> tuple[str, dict, str | None]:
+    """(device name, versions, git commit) as a run records them at its start (and at each resume).
+    `versions` holds what a reader needs to judge a number: library versions, CUDA, cuDNN, the GPU
+    driver, the precision actually used, the container image; a value that cannot be read is left out
+    (reports show it as "not recorded")."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                "os": platform.platform()}
     try:
         import torchvision
         versions["torchvision"] = torchvision.__version__
     except ImportError:  # pragma: no cover
         pass
+    if precision:
+        versions["precision"] = precision
+    if device.type == "cuda":
+        versions.update(cuda_versions(device))
+    versions["container_image"] = os.environ.get(IMAGE_ENV_VAR) or None  # None: not in the harness's image
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         rev = None
-    return name, versions, rev
+    return name, versions, rev or os.environ.get(GIT_REV_ENV_VAR) or None
+
+
+def cuda_versions(device: torch.device) -> dict:
+    """CUDA (of the torch build), cuDNN and the GPU driver; nvidia-smi answers for the driver."""
+    out: dict = {}
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    if torch.backends.cudnn.is_available() and torch.backends.cudnn.version():
+        out["cudnn"] = cudnn_text(torch.backends.cudnn.version())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", f"-i={index}"],
+                             capture_output=True, text=True, timeout=10)
+        driver = smi.stdout.strip().splitlines()[0].strip() if smi.returncode == 0 and smi.stdout.strip() else ""
+    except (OSError, subprocess.SubprocessError):
+        driver = ""
+    if driver:
+        out["driver"] = driver
+    return out
+
+
+def cudnn_text(v: int) -> str:
+    """cuDNN's version number in words: 91002 -> 9.10.2 (cuDNN 9 counts major x 10000), 8902 -> 8.9.2."""
+    if v >= 10000:
+        return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+    return f"{v // 1000}.{v // 100 % 10}.{v % 100}"
+
+
+def resume_record(device_name: str, versions: dict, rev: str | None, epoch: int) -> dict:
+    """One entry of versions["resumes"]: when, where and with what a run was continued."""
+    return {"at": utcnow().isoformat(timespec="seconds"), "epoch": epoch, "device": device_name,
+            "git_rev": rev, **{k: v for k, v in versions.items() if k != "slurm"}}
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -411,6 +457,8 @@ class Trainer:
             raise TrainError(f"split {cfg.split!r} has no images: nothing to train on")
         self.split_sha256 = sha256_array(self.split_indices)
         self.labels = torch.from_numpy(labels).to(self.device)
+        # images per class of what this run trains on: the x axis of the report's per-class plots
+        self.class_counts = np.bincount(labels, minlength=NUM_CLASSES)
         self.test_images = torch.from_numpy(data.test_images[:cfg.monitor_size]).to(self.device)
         self.test_labels = torch.from_numpy(data.test_labels[:cfg.monitor_size]).to(self.device)
         self.steps_per_epoch = math.ceil(self.n / mc.batch_size)  # the last partial batch is kept
@@ -453,9 +501,10 @@ class Trainer:
                            if cfg.overlap_augment and self.device.type == "cuda" else None)
 
         if ckpt is None:
-            dev_name, versions, rev = environment(self.device)
+            dev_name, versions, rev = environment(self.device, self.precision)
             self.run_id = registry.create_run(mc.name, cfg.split, mc.seed, mc.epochs,
-                                              {**cfg.to_dict(), "split_sha256": self.split_sha256},
+                                              {**cfg.to_dict(), "split_sha256": self.split_sha256,
+                                               "class_counts": self.class_counts.tolist()},
                                               tags=cfg.tags, device=dev_name, versions=versions,
                                               git_rev=rev, status="running", owner=self.owner)
             self._held = self.run_id
@@ -465,7 +514,12 @@ class Trainer:
             self._restore(ckpt)
             if ckpt.get("unlogged"):  # the epoch's row that the registry missed when it went away
                 registry.log_epoch(self.run_id, ckpt["unlogged"][0], **ckpt["unlogged"][1])
-            registry.update_run(self.run_id, status="running", error=None, epochs_done=self.epoch - 1)
+            # a resume may run elsewhere (another GPU, driver, commit): the report shows every environment
+            versions = dict(run.get("versions") or {})
+            versions["resumes"] = list(versions.get("resumes") or []) + [
+                resume_record(*environment(self.device, self.precision), epoch=self.epoch - 1)]
+            registry.update_run(self.run_id, status="running", error=None, epochs_done=self.epoch - 1,
+                                versions=versions)
         self.checkpoint_path = self.checkpoint_dir / f"run{self.run_id}" / "last.pt"
 
     # -- state ----------------------------------------------------------------------------
@@ -725,6 +779,16 @@ class Trainer:
         self.last_lr = lr
         return loss, len(batch)
 
+    def _weight_by_class(self) -> list | None:
+        """BCL: the mean sample weight of each class (None for a class without images); other methods: None."""
+        w = getattr(self.method, "w", None)
+        if not isinstance(w, torch.Tensor) or w.shape != self.labels.shape:
+            return None
+        k = len(self.class_counts)
+        sums = torch.zeros(k, device=w.device, dtype=torch.float64).index_add_(0, self.labels.long(), w.double())
+        counts = torch.as_tensor(self.class_counts, dtype=torch.float64)
+        return [float(v) if n else None for v, n in zip((sums.cpu() / counts.clamp(min=1)).tolist(), self.class_counts)]
+
     def _sync_time(self, t0: float) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -741,6 +805,10 @@ class Trainer:
                                    "epoch_time_s": epoch_time, "images_per_s": self.n / epoch_time}
         # BCL's w_* statistics are logged as weight_*; a method's other statistics keep their names
         metrics.update({f"weight_{k[2:]}" if k.startswith("w_") else k: v for k, v in stats.items()})
+        if epoch % self.cfg.checkpoint_every == 0 or epoch == mc.epochs:
+            by_class = self._weight_by_class()
+            if by_class is not None:
+                metrics["weight_by_class"] = by_class
         if self.cfg.monitor_every and (epoch % self.cfg.monitor_every == 0 or epoch == mc.epochs):
             metrics["knn_top1"] = knn_monitor(self.method.probed_network(), self.images, self.labels, self.test_images,
                                               self.test_labels, self.precision)

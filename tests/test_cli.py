@@ -25,7 +25,7 @@ def run(*args, ok=True):
 
 
 GROUPS = {"data": ["prepare", "info"], "splits": ["import", "fetch", "verify", "show", "make"],
-          "runs": ["list", "show", "delete"]}
+          "runs": ["list", "show", "delete"], "export": ["tensorboard", "mlflow"]}
 TOP_COMMANDS = ["train", "eval", "report", "run", "bench"]
 
 

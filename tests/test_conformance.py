@@ -105,5 +105,5 @@ def test_method_conforms(world, tmp_path, name):
     assert out["method"] == name and 0 <= out["summary"]["full"] <= 100
 
     text = render_report(reg.runs_frame(), reg.probe_frame(), "term", tables=(1,))
-    rows = [line for line in text.splitlines()[3:] if line and not line.startswith(("Excluded", "Runs"))]
+    rows = [line for line in text.splitlines()[3:] if line and not line.startswith(("Excluded", "Runs", "Resumed", "Deviation"))]
     assert len(rows) == 1 and rows[0].startswith(entry.display_name + " ") and "(n=1)" in rows[0], text

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from harness.registry import Registry
-from harness.report import render_report
+from harness.report import TABLES, render_report
 
 # breaks out of a % comment, runs \input, opens math, closes groups, starts HTML, splits a table cell
 NASTY = "x\n\\input{/etc/passwd}$^~{}\\&%#_ <script>alert(1)</script> | y\r\n\n`*[a](b)`"
@@ -19,7 +19,9 @@ SPECIALS = set("$^~{}\\&%#_")
 def registry(tmp_path, method: str, split: str, tag: str) -> Registry:
     reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
     for m, s in (("simclr", "split1"), (method, split)):
-        rid = reg.create_run(m, s, 10, 2, {}, tags=["paper", tag], status="done")
+        # a hostile container image (an env var) and device reach the environment table
+        rid = reg.create_run(m, s, 10, 2, {"split_sha256": "ab" * 32}, tags=["paper", tag], status="done",
+                             device=method, versions={"container_image": method, "torch": split})
         reg.log_probe(rid, "full", 0, 50.0, many=60.0, medium=50.0, few=40.0, std=8.0, per_class=[50.0] * 100)
         for sub in (1, 2, 3):  # 3 of 5 subsets: a note that quotes the method
             reg.log_probe(rid, "100", sub, 45.0)
@@ -29,7 +31,7 @@ def registry(tmp_path, method: str, split: str, tag: str) -> Registry:
 
 def render(tmp_path, fmt, method=NASTY, split=NASTY + "_split", tag="<script>alert(2)</script>"):
     reg = registry(tmp_path, method, split, tag)
-    return render_report(reg.runs_frame(), reg.probe_frame(), fmt, "full", paper_rows=True)
+    return render_report(reg.runs_frame(), reg.probe_frame(), fmt, "full", TABLES, paper_rows=True)
 
 
 @pytest.mark.parametrize("fmt", ["term", "markdown", "latex", "html"])
@@ -61,7 +63,7 @@ def test_latex_has_no_unescaped_specials(tmp_path):
         else:
             assert line.endswith(r" \\"), line
             cells = line[:-3].split(" & ")
-            assert len(cells) in (7, 10), line  # Table 2 / Table 1 columns: no cell split
+            assert len(cells) in (3, 7, 8, 11), line  # Tables 4, 3, 2, 1: no cell split
         for cell in cells:
             for esc in LATEX_ESCAPES:
                 cell = cell.replace(esc, "")
@@ -71,11 +73,12 @@ def test_latex_has_no_unescaped_specials(tmp_path):
 def test_markdown_has_no_raw_html_and_right_rows(tmp_path):
     md = render(tmp_path, "markdown")
     assert "<script>" not in md and "</script>" not in md and "alert(1)" in md
-    tables = [b for b in md.split("\n\n") if b.startswith("| Method")]
-    assert len(tables) == 2
-    for t in tables:
+    tables = [b for b in md.split("\n\n") if b.startswith(("| Method", "| Field"))]
+    assert len(tables) == 4
+    for i, t in enumerate(tables):
         rows = t.splitlines()
-        assert len(rows) == 2 + 5  # header, rule, the paper's four methods and the hostile one
+        if i < 2:
+            assert len(rows) == 2 + 5  # header, rule, the paper's four methods and the hostile one
         seps = {len(re.findall(r"(?<!\\)\|", r)) for r in rows}
         assert len(seps) == 1, rows  # every row has the header's number of cells
     for line in md.splitlines():
@@ -100,3 +103,24 @@ def test_csv_round_trips_hostile_names(tmp_path):
 def test_terminal_output_has_no_control_characters(tmp_path):
     text = render(tmp_path, "term", method="ev\x1b[2Jil\x07", split="s\x1b]0;t\x07")
     assert "\x1b" not in text and "\x07" not in text and "\\x1b" in text
+
+
+def test_html_page_escapes_every_registry_string(tmp_path):
+    """The whole page (run sections with configs, errors, tags, the environment) holds hostile
+    strings as text: no markup, no attribute or URL they could open."""
+    from harness.report_html import render_page
+
+    reg = registry(tmp_path, NASTY, NASTY + "_split", "<script>alert(2)</script>")
+    rid = reg.create_run(NASTY, "s", 12, 2, {"note": '"><img src=x onerror=alert(3)>', NASTY: NASTY},
+                         status="failed", device='"><b>x</b>', versions={"container_image": "</style><script>"})
+    reg.update_run(rid, error="</section><script>alert(4)</script>")
+    math = reg.create_run("$\\frac{1$", "split1", 10, 2, {}, status="done")  # mathtext would fail to parse it
+    reg.log_epoch(math, 1, loss=3.0)
+    reg.log_probe(math, "full", 0, 50.0, many=60.0, medium=50.0, few=40.0, std=8.0, per_class=[50.0] * 100)
+    runs = reg.runs_frame()
+    page, _ = render_page(runs, reg.probe_frame(), reg.epoch_frame(list(runs["id"])), data_root=tmp_path / "none")
+    assert "<script" not in page and "onerror=alert" not in page.replace("onerror=alert(3)&gt;", "")
+    assert "<img src=x" not in page and "<b>x</b>" not in page
+    assert page.count("data:image/png;base64,") == 2  # group bars and training curves, drawn despite the names
+    assert page.count("<section") == page.count("</section>") == len(runs)
+    assert page.count("</style>") == 1 and "alert(4)" in page  # there, as text

@@ -293,6 +293,24 @@ def test_migrates_schema_version_1(url):
     assert Registry(url).schema_version() == SCHEMA_VERSION  # opening again migrates nothing
 
 
+def test_migrates_schema_version_3(url):
+    """Schema 4 added epoch_metrics.logged_at: a schema-3 file keeps its epoch rows (their time is not
+    known: NULL) and new rows get one."""
+    r = Registry(url)
+    rid = r.create_run("simclr", "split1", 10, 2, {})
+    r.log_epoch(rid, 1, loss=5.0)
+    with r.engine.begin() as c:  # back to what schema 3 wrote
+        c.exec_driver_sql("ALTER TABLE epoch_metrics DROP COLUMN logged_at")
+        c.exec_driver_sql("UPDATE schema_info SET version = 3")
+    r.engine.dispose()
+    r = Registry(url)
+    assert r.schema_version() == SCHEMA_VERSION
+    r.log_epoch(rid, 2, loss=4.0)
+    old, new = r.epochs(rid)
+    assert old["loss"] == 5.0 and old["logged_at"] is None
+    assert new["logged_at"] is not None and abs((utcnow() - new["logged_at"]).total_seconds()) < 60
+
+
 def test_newer_schema_is_refused(url):
     r = Registry(url)
     with r.engine.begin() as c:

@@ -46,10 +46,19 @@ def test_two_epochs_end_to_end(tiny, tmp_path, method):
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert all(np.isfinite(e["loss"]) and e["images_per_s"] > 0 for e in epochs)
     assert "knn_top1" in epochs[-1]["extra"]
+    # what the report's tables and plots read: class counts, the precision used, when each row was logged
+    counts = np.asarray(run["config"]["class_counts"])
+    assert counts.shape == (data.NUM_CLASSES,) and counts.sum() == 48
+    assert run["versions"]["precision"] == "fp32" and "container_image" in run["versions"]
+    assert all(e["logged_at"] is not None for e in epochs) and epochs[0]["logged_at"] <= epochs[1]["logged_at"]
     if method.startswith("bcl"):
         assert 0 <= epochs[-1]["weight_q10"] <= epochs[-1]["weight_q90"] <= 1
+        by_class = epochs[-1]["extra"]["weight_by_class"]  # logged at the last epoch
+        assert [w is None for w in by_class] == list(counts == 0)
+        weighted = sum(w * n for w, n in zip(by_class, counts) if n) / counts.sum()
+        assert weighted == pytest.approx(epochs[-1]["weight_mean"], abs=1e-6)  # per-class means of the same w
     else:
-        assert epochs[-1]["weight_mean"] is None
+        assert epochs[-1]["weight_mean"] is None and "weight_by_class" not in epochs[-1]["extra"]
     art = reg.latest_checkpoint(out["run_id"])
     ckpt = load_checkpoint(art["path"], art["sha256"])
     assert ckpt["epoch"] == 3 and ckpt["method"] == method
@@ -94,6 +103,27 @@ def test_resume_mid_epoch_is_exact(tiny, tmp_path, width):
     assert_same(final_state(full["checkpoint"]), final_state(rest["checkpoint"]))
     losses = lambda rid: [e["loss"] for e in reg.epochs(rid)]
     assert losses(full["run_id"]) == losses(rest["run_id"])
+    # the resume is recorded with its environment; the uninterrupted run has none
+    resumes = reg.get_run(rest["run_id"])["versions"]["resumes"]
+    assert len(resumes) == 1 and resumes[0]["epoch"] == 2 and resumes[0]["torch"] == torch.__version__
+    assert "resumes" not in reg.get_run(full["run_id"])["versions"]
+
+
+def test_environment_names_the_container_and_commit(monkeypatch):
+    from harness import train as train_mod
+
+    monkeypatch.setenv("HARNESS_CONTAINER_IMAGE", "bcl-harness (base pytorch:x)")
+    monkeypatch.setenv("HARNESS_GIT_REV", "feedbeef")
+    name, versions, rev = train_mod.environment(torch.device("cpu"), "fp32")
+    assert name.startswith("cpu") and versions["container_image"] == "bcl-harness (base pytorch:x)"
+    assert versions["precision"] == "fp32" and "cuda" not in versions and "driver" not in versions
+    assert rev and rev != "feedbeef"  # this checkout's own commit wins
+    def no_git(*a, **k):
+        raise OSError("no git")
+    monkeypatch.setattr(train_mod.subprocess, "run", no_git)  # the container: no .git, no git
+    monkeypatch.delenv("HARNESS_CONTAINER_IMAGE")
+    _, versions, rev = train_mod.environment(torch.device("cpu"))
+    assert rev == "feedbeef" and versions["container_image"] is None
 
 
 def test_stop_at_an_epoch_boundary_resumes_exactly(tiny, tmp_path):
@@ -198,3 +228,27 @@ def test_overlapped_augmentation_gives_the_same_views(tiny, tmp_path, device):
     ahead, in_turn = views_seen(True), views_seen(False)
     assert len(ahead) == len(in_turn) == 6
     assert all(torch.equal(a, b) for a, b in zip(ahead, in_turn))
+
+
+def test_cuda_versions_read_cuda_cudnn_and_the_driver(monkeypatch):
+    """The GPU side of the environment record, without a GPU: torch's CUDA and cuDNN numbers and
+    nvidia-smi's answer, as the H200 reports them."""
+    import subprocess
+
+    from harness import train as train_mod
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    calls = []
+
+    def smi(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="580.95.05\n", stderr="")
+    monkeypatch.setattr(train_mod.subprocess, "run", smi)
+    assert train_mod.cuda_versions(torch.device("cuda", 1)) == {"cuda": "13.0", "cudnn": "9.10.2",
+                                                                 "driver": "580.95.05"}
+    assert calls[0][0] == "nvidia-smi" and "-i=1" in calls[0]
+    assert train_mod.cudnn_text(8902) == "8.9.2"
+    monkeypatch.setattr(train_mod.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no smi")))
+    assert "driver" not in train_mod.cuda_versions(torch.device("cuda", 0))

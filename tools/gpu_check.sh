@@ -13,7 +13,7 @@
 #   tools/gpu_check.sh DATA_ROOT SPLITS_ROOT OUT [STEP ...]      (default: all four, in order)
 # DATA_ROOT holds cifar-100-python/ (the real pickles), SPLITS_ROOT the paper's 17 .npy files.
 # OUT receives device.txt and, per step: cuda_tests.log; bench_eager.{json,log} and
-# bench_no_overlap.{json,log}; run.log, registry.db, report.md; bench_compile.{json,log}.
+# bench_no_overlap.{json,log}; run.log, registry.db, report.md, report.html; bench_compile.{json,log}.
 # A step that fails or runs out of time does not stop the next one.
 #
 # The GPU image may lack SQLAlchemy and pytest and cannot reach PyPI: carry wheels for its
@@ -56,7 +56,9 @@ for step in $steps; do
       reg="sqlite:///$out/registry.db"
       timeout 150 python3 -m harness.cli run --methods simclr,bcl-d --splits 1 --epochs 50 "${common[@]}" \
         --checkpoint-dir /tmp/gpu_check_ck --registry "$reg" --no-progress 2>&1 | tee "$out/run.log"
-      harness report --registry "$reg" --format markdown --out "$out/report.md" 2>&1 | tail -3 ;;
+      harness report --registry "$reg" --format markdown --out "$out/report.md" 2>&1 | tail -3
+      # Table 4 of the page shows what the runs read on the GPU: driver, CUDA, cuDNN, bf16
+      python3 -m harness.cli report --registry "$reg" --format html --out "$out/report.html" 2>&1 | tail -3 ;;
     compile)
       timeout 270 python3 -m harness.cli bench "${common[@]}" --methods simclr,bcl-d --compile \
         --timed-epochs 2 --json "$out/bench_compile.json" 2>&1 | tee "$out/bench_compile.log" ;;
