@@ -1,8 +1,9 @@
 """The paper's tables (and a few plots) from the registry's probe scores.
 
 Table 1: linear-probe top-1 per method for full-shot / 100-shot / 50-shot, mean ± std over
-runs, beside the published numbers. Table 2: Many / Medium / Few / Std / All for
-one shot. Everything below `report_command` is a pure function of DataFrames, so the
+runs, beside the published numbers (only for the paper's dataset and splits). Table 2:
+Many / Medium / Few / Std / All for one shot, with the group sizes. Runs are grouped by the
+dataset they trained on (recorded with every run): one set of tables per dataset. Everything below `report_command` is a pure function of DataFrames, so the
 tables are testable without a database. Only runs with status "done" are averaged in.
 
 pandas is imported inside the functions that build frames, so that `harness.cli` (which
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import html
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional, Sequence
 
@@ -87,20 +89,25 @@ def empty_reason(method: str, runs: pd.DataFrame, done: pd.DataFrame) -> str:
 PAPER_SPLITS = {f"split{k}" for k in range(1, 6)}
 
 
-def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
+def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame, paper_dataset: bool = True,
+                 paper_splits_only: bool = True) -> pd.DataFrame:
     """Numeric Table 1: per method and shot the mean, std, n over done runs, the published
-    number and the difference; `<shot>_note` says why a cell is empty."""
+    number and the difference; `<shot>_note` says why a cell is empty. `paper_dataset`: the
+    runs are on the paper's CIFAR-100; `paper_splits_only`: the report asked for no other split."""
     import pandas as pd
 
     done, dprobes, _ = done_only(runs, probes)
     scores = run_scores(dprobes)
+    table_on_paper = paper_splits_only and set(done["split"]) <= PAPER_SPLITS
     rows = []
     for m in methods_in_order(list(runs["method"]) + list(probes["method"])):
         row: dict = {"method": m}
         for s in SHOTS:
             mean, std, n = mean_std(scores.loc[(scores["method"] == m) & (scores["kind"] == s), "top1"])
-            # published numbers are for the paper's CIFAR-100-LT splits; beside other data they mislead
-            on_paper = set(done.loc[done["method"] == m, "split"]) <= PAPER_SPLITS
+            # published numbers are for the paper's CIFAR-100-LT splits; beside other data they mislead.
+            # A method without done runs gets them only in a table of nothing but the paper's setting.
+            splits_m = set(done.loc[done["method"] == m, "split"])
+            on_paper = paper_dataset and (splits_m <= PAPER_SPLITS if splits_m else table_on_paper)
             paper = PUBLISHED.get(m, {}).get(s, float("nan")) if on_paper else float("nan")
             row.update({f"{s}_mean": mean, f"{s}_std": std, f"{s}_n": n, f"{s}_paper": paper,
                         f"{s}_diff": mean - paper, f"{s}_note": "" if n else empty_reason(m, runs, done)})
@@ -145,12 +152,46 @@ def report_notes(runs: pd.DataFrame, probes: pd.DataFrame) -> list[str]:
     quick = quick_try_runs(runs[runs["status"] == "done"])
     if quick:
         notes.append("Runs off the paper's recipe, averaged in as they are: " + "; ".join(quick) + ".")
+    limited = test_limited_runs(dprobes)
+    if limited:
+        notes.append("Scored on part of the test set (--test-limit), averaged in as they are: "
+                     + "; ".join(limited) + ".")
+    failed = eval_failed_runs(runs, probes)
+    if failed:
+        notes.append("Evaluation failed, no scores: " + "; ".join(failed) + ".")
     sc = run_scores(dprobes)
     partial = sc[(sc["kind"] != "full") & (sc["subsets"] < 5)]
     for _, r in partial.iterrows():
         notes.append(f"Run {r['run_id']} ({r['method']}): {r['kind']}-shot averages "
                      f"{r['subsets']} of the 5 subsets.")
     return notes
+
+
+def _config(v) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def test_limited_runs(dprobes: pd.DataFrame) -> list[str]:
+    """'#id (200 of 10000 test images)' for runs whose scores come from a --test-limit evaluation."""
+    if "config" not in dprobes:
+        return []
+    out = {}
+    for _, p in dprobes.iterrows():
+        c = _config(p["config"])
+        if c.get("test_limit"):
+            out.setdefault(p["run_id"], f"#{p['run_id']} ({c.get('test_images')} of "
+                                        f"{c.get('test_images_total')} test images)")
+    return [out[k] for k in sorted(out)]
+
+
+def eval_failed_runs(runs: pd.DataFrame, probes: pd.DataFrame) -> list[str]:
+    """Done runs without scores whose last evaluation failed: '#id (the error)'."""
+    if "error" not in runs:
+        return []
+    scored = set(probes["run_id"])
+    bad = runs[(runs["status"] == "done") & ~runs["id"].isin(scored)
+               & runs["error"].fillna("").astype(str).str.startswith("evaluation failed")]
+    return [f"#{r['id']} ({str(r['error'])[len('evaluation failed: '):][:120]})" for _, r in bad.iterrows()]
 
 
 def quick_try_runs(done: pd.DataFrame) -> list[str]:
@@ -298,31 +339,135 @@ def render_csv(frame: pd.DataFrame) -> str:
     return buf.getvalue()
 
 
-def table1_title() -> str:
-    return ("Table 1: linear-probe top-1 accuracy (%) on CIFAR-100-LT, mean ± std over done runs "
-            "(few-shot: 5 subsets averaged per run first); Paper: authors' README (split 1, one run)")
+def table1_title(label: str = "CIFAR-100", paper: bool = True) -> str:
+    published = ("Paper: authors' README (split 1, one run)" if paper else
+                 "no published numbers: the paper reports CIFAR-100-LT on its own splits only")
+    return (f"Table 1: linear-probe top-1 accuracy (%) on {label}-LT, mean ± std over done runs "
+            f"(few-shot: 5 subsets averaged per run first); {published}")
 
 
-def table2_title(shot: str) -> str:
-    return (f"Table 2: {SHOT_LABEL[shot]} top-1 accuracy (%) by class group of the pretraining split "
-            "(Many 34 / Medium 33 / Few 33 classes; Std: population std of the three), mean ± std over done runs")
+def table2_title(shot: str, groups: str = "Many 34 / Medium 33 / Few 33 classes", label: str | None = None) -> str:
+    on = f" on {label}-LT" if label else ""
+    return (f"Table 2: {SHOT_LABEL[shot]} top-1 accuracy (%){on} by class group of the pretraining split "
+            f"({groups}; Std: population std of the three), mean ± std over done runs")
+
+
+# -- datasets: every run records the one it trained on ---------------------------------------------
+
+def run_dataset(config) -> tuple[str, str | None, int]:
+    """(name, known dataset, classes) a run trained on; runs from before datasets were recorded
+    could only train on CIFAR-100."""
+    c = _config(config)
+    name = c.get("dataset") if isinstance(c.get("dataset"), str) else None
+    if name is None:
+        return PAPER_DATASET, PAPER_DATASET, 100
+    info = _config(c.get("dataset_info"))
+    classes = info.get("classes") if isinstance(info.get("classes"), int) else 100
+    return name, info.get("known") if isinstance(info.get("known"), str) else None, classes
+
+
+PAPER_DATASET = "cifar100"
+KNOWN_CLASSES = {"cifar100": 100, "cifar10": 10}
+
+
+@dataclass
+class DatasetGroup:
+    name: str
+    known: str | None
+    classes: int
+    runs: pd.DataFrame
+    probes: pd.DataFrame
+
+    @property
+    def label(self) -> str:
+        from harness.data import dataset_label
+        return dataset_label(self.name, self.known)
+
+    @property
+    def is_paper(self) -> bool:
+        return self.name == PAPER_DATASET and self.known == PAPER_DATASET
+
+
+def dataset_groups(runs: pd.DataFrame, probes: pd.DataFrame, dataset: str | None = None) -> list[DatasetGroup]:
+    """The runs (and their probe rows) of each dataset, the paper's first; one empty group when there
+    are no runs (the asked --dataset, else the paper's)."""
+    keys = [run_dataset(c) for c in runs["config"]] if "config" in runs else [run_dataset(None)] * len(runs)
+    if dataset is not None:
+        keep = [k[0] == dataset for k in keys]
+        runs, keys = runs[keep], [k for k, ok in zip(keys, keep) if ok]
+    if not len(runs):  # an empty table: of the dataset asked for (a known one by its name), or the paper's
+        name = dataset or PAPER_DATASET
+        known = name if name in KNOWN_CLASSES else None
+        return [DatasetGroup(name, known, KNOWN_CLASSES.get(name, 0), runs,
+                             probes[probes["run_id"].isin(runs["id"])])]
+    by: dict[tuple, list] = {}
+    for (name, known, classes), rid in zip(keys, runs["id"]):
+        by.setdefault((name, known), [classes, []])[1].append(rid)
+    order = sorted(by, key=lambda k: (k != (PAPER_DATASET, PAPER_DATASET), k[0], str(k[1])))
+    return [DatasetGroup(k[0], k[1], by[k][0], runs[runs["id"].isin(by[k][1])],
+                         probes[probes["run_id"].isin(by[k][1])]) for k in order]
+
+
+def thirds(classes: int) -> dict[str, int]:
+    return {"many": classes - 2 * (classes // 3), "medium": classes // 3, "few": classes // 3}
+
+
+def group_sizes_text(group: DatasetGroup, shot: str) -> str:
+    """'Many 34 / Medium 33 / Few 33 classes' from what the evaluations recorded (runs from before
+    they did: thirds of the dataset's classes); each variant with its runs when they differ."""
+    done, dprobes, _ = done_only(group.runs, group.probes)
+    sel = dprobes[dprobes["kind"] == shot] if len(dprobes) else dprobes
+    variants: dict[tuple, set] = {}
+    for _, p in sel.iterrows():
+        g = _config(_config(p.get("config")).get("groups"))
+        sizes = _config(g.get("sizes")) or (thirds(group.classes) if g.get("rule", "thirds") == "thirds" else {})
+        if not sizes:
+            continue
+        rule = ((f"Many > {g['many_above']} / Few < {g['few_below']} images",) if g.get("rule") == "counts" else ())
+        variants.setdefault((sizes.get("many"), sizes.get("medium"), sizes.get("few"), *rule), set()).add(p["run_id"])
+    if not variants:
+        if not group.classes:
+            return "Many / Medium / Few: thirds of the classes by count"
+        z = thirds(group.classes)
+        return f"Many {z['many']} / Medium {z['medium']} / Few {z['few']} classes"
+
+    def one(v) -> str:
+        return f"Many {v[0]} / Medium {v[1]} / Few {v[2]} classes" + (f" ({v[3]})" if len(v) > 3 else "")
+    if len(variants) == 1:
+        return one(next(iter(variants)))
+    return "groups differ between runs: " + "; ".join(
+        f"{one(v)} in run{'s' if len(ids) > 1 else ''} {', '.join(str(i) for i in sorted(ids))}"
+        for v, ids in sorted(variants.items(), key=lambda kv: min(kv[1])))
 
 
 def render_report(runs: pd.DataFrame, probes: pd.DataFrame, fmt: str = "term", shot: str = "full",
-                  tables: Sequence[int] = (1, 2)) -> str:
-    """The requested tables in one format (csv: one table, tidy: one header line, then its rows)."""
+                  tables: Sequence[int] = (1, 2), dataset: str | None = None, split: str | None = None) -> str:
+    """The requested tables in one format, one set per dataset (csv: one table, tidy: one header
+    line, then its rows; a `dataset` column first when there are several). `dataset` and `split`
+    are the report's filters, if any: an empty table still says what it is about."""
+    import pandas as pd
+
     if fmt == "csv" and len(tables) != 1:
         raise ValueError("a CSV file holds one table")
-    notes = report_notes(runs, probes)
-    parts = []
-    for t in tables:
-        frame = table1_frame(runs, probes) if t == 1 else table2_frame(runs, probes, shot)
-        if fmt == "csv":
-            parts.append(render_csv(frame))
-            continue
-        headers, rows = table1_display(frame) if t == 1 else table2_display(frame)
-        title = table1_title() if t == 1 else table2_title(shot)
-        parts.append(RENDERERS[fmt](title, headers, rows, notes))
+    groups = dataset_groups(runs, probes, dataset)
+    paper_splits_only = split is None or split in PAPER_SPLITS
+    parts, frames = [], []
+    for g in groups:
+        notes = report_notes(g.runs, g.probes)
+        if not g.is_paper and len(g.runs):
+            notes = [n for n in notes if not n.startswith("Runs on splits other than the paper's")]
+        for t in tables:
+            frame = (table1_frame(g.runs, g.probes, g.is_paper, paper_splits_only) if t == 1
+                     else table2_frame(g.runs, g.probes, shot))
+            if fmt == "csv":
+                frames.append(frame if len(groups) == 1 else frame.assign(dataset=g.name)[["dataset", *frame.columns]])
+                continue
+            headers, rows = table1_display(frame) if t == 1 else table2_display(frame)
+            title = (table1_title(g.label, g.is_paper) if t == 1 else
+                     table2_title(shot, group_sizes_text(g, shot), None if g.is_paper else g.label))
+            parts.append(RENDERERS[fmt](title, headers, rows, notes))
+    if fmt == "csv":
+        return render_csv(pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0])
     return "\n".join(parts)
 
 
@@ -352,26 +497,35 @@ def _pyplot():
     return plt
 
 
-def plot_per_class(points: pd.DataFrame, shot: str, out: Path) -> None:
+def trend_window(classes: int) -> int:
+    """Classes in the running mean: a fifth of them (20 of CIFAR-100's 100, 2 of 10, 200 of 1,000)."""
+    return max(2, round(classes / 5))
+
+
+def plot_per_class(points: pd.DataFrame, shot: str, out: Path, label: str | None = None) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    classes = max(int(points["class"].nunique()), 1)
+    size = float(np.clip(600 / classes, 2, 24))  # 6 at 100 classes; bigger dots for few, smaller for many
     for m in methods_in_order(points["method"].unique()):
         p = points[points["method"] == m].sort_values("count")
         if p.empty:
             continue
-        dots = ax.scatter(p["count"].clip(lower=1), p["acc"], s=6, alpha=0.25)
-        # running mean over 20 neighbouring classes shows the trend through the scatter
-        trend = p["acc"].rolling(20, min_periods=1, center=True).mean()
-        ax.plot(p["count"].clip(lower=1), trend, color=dots.get_facecolor()[0][:3], label=METHOD_LABEL.get(m, m))
+        dots = ax.scatter(p["count"].clip(lower=1), p["acc"], s=size, alpha=0.25 if classes > 20 else 0.5)
+        # running mean over neighbouring classes shows the trend through the scatter
+        trend = p["acc"].rolling(trend_window(classes), min_periods=1, center=True).mean()
+        ax.plot(p["count"].clip(lower=1), trend, color=dots.get_facecolor()[0][:3], label=METHOD_LABEL.get(m, m),
+                marker="o" if classes <= 20 else None, ms=3)
     ax.set(xscale="log", xlabel="images of the class in the pretraining split",
-           ylabel=f"{SHOT_LABEL[shot]} per-class accuracy (%)", title="Per-class accuracy vs class size")
+           ylabel=f"{SHOT_LABEL[shot]} per-class accuracy (%)",
+           title="Per-class accuracy vs class size" + (f" ({label}, {classes} classes)" if label else ""))
     outside_legend(ax)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
 
-def plot_groups(t2: pd.DataFrame, shot: str, out: Path) -> None:
+def plot_groups(t2: pd.DataFrame, shot: str, out: Path, subtitle: str | None = None) -> None:
     plt = _pyplot()
     t2 = t2[(t2["n"] > 0) & t2["many_mean"].notna()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -382,7 +536,8 @@ def plot_groups(t2: pd.DataFrame, shot: str, out: Path) -> None:
         errs = [0 if np.isnan(r[f"{g}_std"]) else r[f"{g}_std"] for g in ("many", "medium", "few")]
         ax.bar(x + i * width, means, width, yerr=errs, capsize=3, label=METHOD_LABEL.get(r["method"], r["method"]))
     ax.set_xticks(x + width * (len(t2) - 1) / 2, ["Many", "Medium", "Few"])
-    ax.set(ylabel=f"{SHOT_LABEL[shot]} accuracy (%)", title="Accuracy by class group")
+    ax.set(ylabel=f"{SHOT_LABEL[shot]} accuracy (%)",
+           title="Accuracy by class group" + (f"\n{subtitle}" if subtitle else ""))
     outside_legend(ax)  # inside, it covers the bars
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -430,33 +585,50 @@ def plot_training(epochs: pd.DataFrame, runs: pd.DataFrame, out: Path) -> None:
     plt.close(fig)
 
 
-def load_class_counts(splits: Sequence[str], data_root: Path, splits_root: Path | None) -> tuple[dict, str]:
+def load_class_counts(splits: Sequence[str], data_root: Path, splits_root: Path | None,
+                      dataset: str = PAPER_DATASET) -> tuple[dict, str]:
     """Class counts of each pretraining split, and a message naming what could not be loaded."""
     try:
         from harness import data as data_mod
         from harness import splits as splits_mod
-        labels = data_mod.load_cifar100(data_root).train_labels
+        data = data_mod.load_dataset(data_root, dataset)
+        labels = data.train_labels
     except Exception as e:  # missing module or data: the plot is optional
-        return {}, f"per-class plot skipped: cannot load CIFAR-100 labels ({e})"
+        return {}, f"per-class plot skipped: cannot load the labels of dataset {dataset!r} ({e})"
     counts, missing = {}, []
     for s in splits:
         try:
+            splits_mod.check_belongs(s, data)
             idx = splits_mod.load_split(s, splits_root, num_images=len(labels))
-            counts[s] = np.bincount(labels[idx], minlength=data_mod.NUM_CLASSES)
+            counts[s] = np.bincount(labels[idx], minlength=data.num_classes)
         except Exception as e:
             missing.append(f"{s} ({e})")
     return counts, ("per-class plot: skipped splits " + "; ".join(missing)) if missing else ""
 
 
 def write_plots(registry, runs: pd.DataFrame, probes: pd.DataFrame, shot: str, folder: Path,
-                data_root: Path, splits_root: Path | None) -> list[str]:
-    """PNG files into `folder`; returns one message per file written or skipped."""
+                data_root: Path, splits_root: Path | None, dataset: str | None = None) -> list[str]:
+    """PNG files into `folder`, one set per dataset (named after it when there are several);
+    returns one message per file written or skipped."""
+    groups = dataset_groups(runs, probes, dataset)
+    msgs = []
+    for g in groups:
+        suffix = "" if len(groups) == 1 else f"_{g.name}"
+        msgs += [m if len(groups) == 1 else f"{g.name}: {m}"
+                 for m in _write_dataset_plots(registry, g, shot, folder, data_root, splits_root, suffix)]
+    return msgs
+
+
+def _write_dataset_plots(registry, group: DatasetGroup, shot: str, folder: Path, data_root: Path,
+                         splits_root: Path | None, suffix: str) -> list[str]:
     import pandas as pd
 
+    runs, probes = group.runs, group.probes
     folder.mkdir(parents=True, exist_ok=True)
     done, dprobes, _ = done_only(runs, probes)
     msgs = []
-    counts, msg = load_class_counts(sorted(dprobes["split"].unique()), data_root, splits_root)
+    label = None if group.is_paper else group.label
+    counts, msg = load_class_counts(sorted(dprobes["split"].unique()), data_root, splits_root, group.name)
     if msg:
         msgs.append(msg)
     points = per_class_points(dprobes, counts, shot)
@@ -469,20 +641,23 @@ def write_plots(registry, runs: pd.DataFrame, probes: pd.DataFrame, shot: str, f
         else:
             msgs.append("per-class plot skipped: the pretraining splits' class counts could not be loaded")
     else:
-        plot_per_class(points, shot, folder / f"per_class_vs_count_{shot}.png")
-        msgs.append(f"wrote {folder / f'per_class_vs_count_{shot}.png'}")
+        path = folder / f"per_class_vs_count_{shot}{suffix}.png"
+        plot_per_class(points, shot, path, label)
+        msgs.append(f"wrote {path}")
     t2 = table2_frame(runs, probes, shot)
     if (t2["n"] > 0).any() and t2["many_mean"].notna().any():
-        plot_groups(t2, shot, folder / f"groups_{shot}.png")
-        msgs.append(f"wrote {folder / f'groups_{shot}.png'}")
+        path = folder / f"groups_{shot}{suffix}.png"
+        plot_groups(t2, shot, path, label and f"{label}: {group_sizes_text(group, shot)}")
+        msgs.append(f"wrote {path}")
     else:
         msgs.append("group plot skipped: no group scores")
     ep = registry.epoch_frame(list(done["id"])) if len(done) else pd.DataFrame()
     if ep.empty:
         msgs.append("training curves skipped: no epoch metrics for done runs")
     else:
-        plot_training(ep, done, folder / "training_curves.png")
-        msgs.append(f"wrote {folder / 'training_curves.png'}")
+        path = folder / f"training_curves{suffix}.png"
+        plot_training(ep, done, path)
+        msgs.append(f"wrote {path}")
     return msgs
 
 
@@ -500,19 +675,22 @@ def report_command(
     split: Annotated[Optional[str], typer.Option("--split", help="Only runs pretrained on this split.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Only runs with this target epoch count.")] = None,
     tag: Annotated[Optional[str], typer.Option("--tag", help="Only runs carrying this tag.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Only runs on this dataset (default: every "
+                                                   "dataset, one set of tables each).")] = None,
     registry: Annotated[Optional[str], typer.Option(
         "--registry", help="SQLAlchemy URL of the result registry (default: $HARNESS_REGISTRY or "
                            "sqlite:///results/registry.db).")] = None,
-    data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding cifar-100-python/ (class counts "
-                                                                "for the per-class plot).")] = Path("data"),
+    data_root: Annotated[Path, typer.Option("--data-root", help="Folder of the datasets (class counts for the "
+                                                                "per-class plot).")] = Path("data"),
     splits_root: Annotated[Optional[Path], typer.Option(
         "--splits-root", help="Folder of the paper's split files (default: $HARNESS_SPLITS or splits/paper).")] = None,
 ) -> None:
     """Print the paper's tables from the registry's probe scores.
 
-    Table 1: top-1 per shot beside the published numbers. Table 2:
-    Many/Medium/Few/Std/All for one shot (--shot). Only runs with status
-    'done' count.
+    Table 1: top-1 per shot beside the published numbers (for the paper's
+    CIFAR-100 splits only). Table 2: Many/Medium/Few/Std/All for one shot
+    (--shot), with the group sizes. One set of tables per dataset; only runs
+    with status 'done' count.
     """
     from harness.errors import HarnessError
     from harness.registry import Registry
@@ -538,7 +716,7 @@ def report_command(
     else:
         targets = [(None, out)]
     for t, path in targets:
-        text = render_report(runs, probes, fmt, shot, (t,) if t else tables)
+        text = render_report(runs, probes, fmt, shot, (t,) if t else tables, dataset=dataset, split=split)
         if path is None:
             typer.echo(text, nl=False)
         else:
@@ -546,8 +724,9 @@ def report_command(
             path.write_text(text)
             typer.echo(f"wrote {path}", err=True)
     if fmt == "csv":  # notes stay out of the machine-readable output
-        for n in report_notes(runs, probes):
-            typer.echo(n, err=True)
+        for g in dataset_groups(runs, probes, dataset):
+            for n in report_notes(g.runs, g.probes):
+                typer.echo(n, err=True)
     if plots is not None:
-        for msg in write_plots(reg, runs, probes, shot, plots, data_root, splits_root):
+        for msg in write_plots(reg, runs, probes, shot, plots, data_root, splits_root, dataset):
             typer.echo(msg, err=True)
