@@ -14,6 +14,7 @@ state, no wasted compute). On CUDA an epoch is replayed as a CUDA graph: the 11-
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -259,7 +260,8 @@ def group_metrics(per_class: np.ndarray, class_counts: np.ndarray | None, groups
     also the accuracy over the group's test images); Std = population std of the three."""
     if class_counts is None or groups.kind == "none":
         return {"many": None, "medium": None, "few": None, "std": None}
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # a group whose classes all lack test images has no mean: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
         g = {name: float(np.nanmean(per_class[ids])) if len(ids) else float("nan")
              for name, ids in class_groups(class_counts, groups).items()}
     g["std"] = float(np.std([g["many"], g["medium"], g["few"]], ddof=0))

@@ -393,7 +393,7 @@ def dataset_groups(runs: pd.DataFrame, probes: pd.DataFrame, dataset: str | None
     are no runs (the asked --dataset, else the paper's)."""
     keys = [run_dataset(c) for c in runs["config"]] if "config" in runs else [run_dataset(None)] * len(runs)
     if dataset is not None:
-        keep = [k[0] == dataset for k in keys]
+        keep = np.array([k[0] == dataset for k in keys], dtype=bool)
         runs, keys = runs[keep], [k for k, ok in zip(keys, keep) if ok]
     if not len(runs):  # an empty table: of the dataset asked for (a known one by its name), or the paper's
         name = dataset or PAPER_DATASET
@@ -460,7 +460,7 @@ def render_report(runs: pd.DataFrame, probes: pd.DataFrame, fmt: str = "term", s
             frame = (table1_frame(g.runs, g.probes, g.is_paper, paper_splits_only) if t == 1
                      else table2_frame(g.runs, g.probes, shot))
             if fmt == "csv":
-                frames.append(frame if len(groups) == 1 else frame.assign(dataset=g.name)[["dataset", *frame.columns]])
+                frames.append(frame if len(groups) == 1 else frame.assign(dataset=g.label)[["dataset", *frame.columns]])
                 continue
             headers, rows = table1_display(frame) if t == 1 else table2_display(frame)
             title = (table1_title(g.label, g.is_paper) if t == 1 else
