@@ -40,7 +40,7 @@ class HarnessGroup(TyperGroup):
 
 app = typer.Typer(cls=HarnessGroup, 
     help="Benchmark harness for self-supervised learning on long-tailed data: SimCLR, SDCLR, "
-         "BCL-I and BCL-D on CIFAR-100-LT, linear probes, a result registry and the paper's tables.",
+         "BCL-I and BCL-D on CIFAR-100-LT (or any dataset), linear probes, a result registry and the paper's tables.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Obtain, import, validate and inspect datasets (CIFAR-100, CIFAR-10, image folders).",
                        no_args_is_help=True)

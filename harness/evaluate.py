@@ -125,7 +125,7 @@ def load_model(path: Path, fmt: str = "ours", method: str | None = None) -> tupl
             raise EvalError(f"{path}: {e}") from None
         epoch = obj.get("epoch") if isinstance(obj, dict) else None
         return net, {"method": method, "split": None, "epoch": epoch if isinstance(epoch, int) else None,
-                     "config": {}}
+                     "config": {}, "dataset": None}
     obj = _torch_load(path)
     if not (isinstance(obj, dict) and "model" in obj and "method" in obj):
         hint = " (it looks like the authors' layout: add --format reference --method M)" \
@@ -139,8 +139,9 @@ def load_model(path: Path, fmt: str = "ours", method: str | None = None) -> tupl
         net.load_state_dict(obj["model"])
     except RuntimeError as e:
         raise EvalError(f"{path}: weights do not fit a {obj['method']} network: {str(e).splitlines()[0]}") from None
+    dataset = (obj.get("train_config") or {}).get("dataset") if isinstance(obj.get("train_config"), dict) else None
     return net, {"method": obj["method"], "split": obj.get("split"), "epoch": obj.get("epoch"),
-                 "config": obj.get("config") or {}}
+                 "config": obj.get("config") or {}, "dataset": dataset if isinstance(dataset, str) else None}
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -355,7 +356,7 @@ def evaluate_checkpoint(registry: Registry, checkpoint: Path, data_root: Path, s
     net, info = load_model(checkpoint, fmt, method)
     method = info["method"]
     cfg = info["config"]
-    dataset = dataset or (cfg.get("dataset") if isinstance(cfg.get("dataset"), str) else None)
+    dataset = dataset or info["dataset"]
     # the published reference models were pretrained on split 1 (of CIFAR-100)
     if not split and not info["split"] and dataset in (None, data_mod.PAPER_DATASET):
         split = "split1"

@@ -217,7 +217,7 @@ def load_pretraining_images(cfg: TrainConfig, device: torch.device):
 
 @torch.no_grad()
 def knn_monitor(net, bank_images, bank_labels, query_images, query_labels, precision, k: int = 20,
-                batch: int = 1024, num_classes: int = 100) -> float:
+                batch: int = 1024, *, num_classes: int) -> float:
     """Weighted kNN top-1 (%) of test images against the pretraining split, dense branch.
     Cheap (one forward over ~12k images); never the 500-epoch probe."""
     was_training = net.training
