@@ -339,15 +339,21 @@ def render_csv(frame: pd.DataFrame) -> str:
     return buf.getvalue()
 
 
+def lt_name(label: str) -> str:
+    """'CIFAR-100' -> 'CIFAR-100-LT'; 'cifar100 (not the official CIFAR-100)' -> 'cifar100-LT (not ...)'."""
+    name, sep, rest = label.partition(" (")
+    return f"{name}-LT{sep}{rest}"
+
+
 def table1_title(label: str = "CIFAR-100", paper: bool = True) -> str:
     published = ("Paper: authors' README (split 1, one run)" if paper else
                  "no published numbers: the paper reports CIFAR-100-LT on its own splits only")
-    return (f"Table 1: linear-probe top-1 accuracy (%) on {label}-LT, mean ± std over done runs "
+    return (f"Table 1: linear-probe top-1 accuracy (%) on {lt_name(label)}, mean ± std over done runs "
             f"(few-shot: 5 subsets averaged per run first); {published}")
 
 
 def table2_title(shot: str, groups: str = "Many 34 / Medium 33 / Few 33 classes", label: str | None = None) -> str:
-    on = f" on {label}-LT" if label else ""
+    on = f" on {lt_name(label)}" if label else ""
     return (f"Table 2: {SHOT_LABEL[shot]} top-1 accuracy (%){on} by class group of the pretraining split "
             f"({groups}; Std: population std of the three), mean ± std over done runs")
 

@@ -201,11 +201,8 @@ def dataset_of(cfg: TrainConfig) -> str:
 def load_pretraining_images(cfg: TrainConfig, device: torch.device):
     """The split's uint8 images on the device (9,754 images are 30 MB), their labels, the dataset
     and the indices (after --subset)."""
-    try:
-        data = load_dataset(Path(cfg.data_root), dataset_of(cfg))
-        check_belongs(cfg.split, data)
-    except HarnessError as e:
-        raise TrainError(str(e)) from None
+    data = load_dataset(Path(cfg.data_root), dataset_of(cfg))
+    check_belongs(cfg.split, data)
     idx = load_split(cfg.split, Path(cfg.splits_root) if cfg.splits_root else None,
                      num_images=len(data.train_labels))
     idx = subset_of(idx, cfg.subset, cfg.method.seed)

@@ -434,7 +434,7 @@ def test_unofficial_cifar100_and_other_datasets_are_tables_of_their_own(tmp_path
     sections = text.split("Table 1: ")[1:]
     assert [s.split(",")[0] for s in sections] == [
         "linear-probe top-1 accuracy (%) on CIFAR-100-LT", "linear-probe top-1 accuracy (%) on "
-        "cifar100 (not the official CIFAR-100)-LT", "linear-probe top-1 accuracy (%) on syn10-LT"]
+        "cifar100-LT (not the official CIFAR-100)", "linear-probe top-1 accuracy (%) on syn10-LT"]
     assert "50.7" in sections[0] and "50.00 (n=1)" in sections[0] and "30.00" not in sections[0]
     assert "50.7" not in sections[1] + sections[2] and "70.00 (n=1)" in sections[2]
     csv = pd.read_csv(io.StringIO(render_report(*_runs(reg), "csv", tables=(1,))))
