@@ -65,10 +65,11 @@ def fill_method_lists(text: str | None) -> str | None:
 
 app = typer.Typer(cls=HarnessGroup,
     help="Benchmark harness for self-supervised learning on long-tailed data: SimCLR, SDCLR, "
-         "BCL-I, BCL-D and any registered method on CIFAR-100-LT, linear probes, a result registry "
-         "and the paper's tables.",
+         "BCL-I, BCL-D and any registered method on CIFAR-100-LT (or any dataset), linear probes, a result "
+         "registry and the paper's tables.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Obtain, validate and inspect CIFAR-100 (python pickle layout).", no_args_is_help=True)
+data_app = typer.Typer(help="Obtain, import, validate and inspect datasets (CIFAR-100, CIFAR-10, image folders).",
+                       no_args_is_help=True)
 splits_app = typer.Typer(help="The paper's index splits: fetch, import, verify, show; make new ones.",
                          no_args_is_help=True)
 runs_app = typer.Typer(help="Browse the result registry: list, show and delete runs.", no_args_is_help=True)
@@ -80,12 +81,13 @@ app.add_typer(export_app, name="export")
 RegistryOpt = Annotated[Optional[str], typer.Option(
     "--registry", help=f"SQLAlchemy URL of the result registry (default: ${REGISTRY_ENV} or "
                        "sqlite:///results/registry.db).")]
-DataRootOpt = Annotated[Path, typer.Option("--root", help="Folder that holds (or will hold) cifar-100-python/.")]
+DataRootOpt = Annotated[Path, typer.Option("--root", help="Folder of the datasets: cifar-100-python/ and NAME/ "
+                                                  "for the others.")]
 SplitsRootOpt = Annotated[Optional[Path], typer.Option(
     "--splits-root", help=f"Folder of the paper's split files (default: ${splits_mod.ENV_VAR} or splits/paper).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.")]
-DataFolderOpt = Annotated[Path, typer.Option("--data-root", help="Dataset folder.")]
+DataFolderOpt = Annotated[Path, typer.Option("--data-root", help="Folder of the datasets (cifar-100-python/, NAME/).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the network (forward and backward).")]
 CompileModeOpt = Annotated[str, typer.Option(help="torch.compile mode with --compile: default, reduce-overhead "
                                              "(CUDA graphs), max-autotune, max-autotune-no-cudagraphs.")]
@@ -114,50 +116,114 @@ def fail(message: str) -> None:
 @data_app.command("prepare")
 def data_prepare(
     root: DataRootOpt = data_mod.DEFAULT_ROOT,
-    download: Annotated[bool, typer.Option("--download", help="Download the official archive (md5-checked).")] = False,
-    from_: Annotated[Optional[Path], typer.Option("--from", help="Import a local cifar-100-python folder, "
-                                                  "validated by content (e.g. ../shared/data).")] = None,
-    synthetic: Annotated[bool, typer.Option("--synthetic", help="Write a small synthetic dataset in the same "
-                                            "layout, for smoke tests.")] = False,
+    download: Annotated[bool, typer.Option("--download", help="Download the official CIFAR-100 archive "
+                                           "(md5-checked).")] = False,
+    from_: Annotated[Optional[Path], typer.Option("--from", help="Import a local dataset, validated by content: "
+                                                  "CIFAR-100 pickles (e.g. ../shared/data), CIFAR-10 pickles "
+                                                  "(cifar-10-batches-py) or image folders (train/<class>/*.png|jpg, "
+                                                  "test/<class>/...); whole or a subset.")] = None,
+    synthetic: Annotated[bool, typer.Option("--synthetic", help="Write a small synthetic dataset, for smoke "
+                                            "tests (CIFAR-100's layout unless --classes, --image-size or "
+                                            "--name say otherwise).")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="--from: auto (detect), cifar100, cifar10 or images.")]
+    = "auto",
+    name: Annotated[Optional[str], typer.Option("--name", help="Name of the dataset (its folder under ROOT; "
+                                                "what splits and runs record). Default: cifar100 / cifar10 for "
+                                                "the pickles, the source folder's name for images.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Images / synthetic: side S of the square images "
+                                                      "(default 32). Each image's shorter side is resized to S "
+                                                      "with --resize-filter, then its centre S x S is kept.")]
+    = None,
+    resize_filter: Annotated[str, typer.Option(help="Images: resampling filter: nearest, box, bilinear, "
+                                               "hamming, bicubic or lanczos (Pillow's).")] = "bicubic",
+    skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="Images: skip (and list) files "
+                                                  "that cannot be decoded instead of stopping.")] = False,
+    classes: Annotated[Optional[int], typer.Option(help="Synthetic: number of classes (default 100).")] = None,
     per_class: Annotated[int, typer.Option(help="Synthetic: train images per class.")] = 10,
     test_per_class: Annotated[Optional[int], typer.Option(help="Synthetic: test images per class "
                                                           "(default: as many as --per-class).")] = None,
     seed: Annotated[int, typer.Option(help="Synthetic: random seed.")] = 0,
 ) -> None:
-    """Put CIFAR-100 under ROOT/cifar-100-python, from exactly one source, atomically."""
+    """Put a dataset under ROOT (NAME/, or cifar-100-python/), from exactly one source, atomically."""
+    from harness import importers
+
     if sum([download, from_ is not None, synthetic]) != 1:
         fail("choose exactly one source: --download, --from PATH or --synthetic")
     log = lambda m: typer.echo(m, err=True)
     if from_ is not None:
-        d = data_mod.import_folder(from_, root, log=log)
+        d = importers.prepare_from(from_, root, fmt, name, image_size or 32, resize_filter, skip_bad_images, log=log)
     elif synthetic:
         if per_class < 1:
             fail("--per-class must be at least 1")
-        d = data_mod.make_synthetic(root, per_class=per_class, test_per_class=test_per_class, seed=seed, log=log)
+        if classes is None and image_size is None and name in (None, data_mod.PAPER_DATASET):
+            d = data_mod.make_synthetic(root, per_class=per_class, test_per_class=test_per_class, seed=seed, log=log)
+        else:
+            c, size = classes or data_mod.CIFAR100_CLASSES, image_size or 32
+            d = data_mod.make_synthetic_dataset(root, name or f"synthetic{c}" + (f"-{size}px" if size != 32 else ""),
+                                                c, size, per_class, test_per_class, seed, log=log)
     else:
         d = data_mod.download(root, log=log)
     s = data_mod.summary(d)
-    kind = "the real CIFAR-100" if s["real_cifar100"] else "not the official CIFAR-100 (digests differ)"
-    typer.echo(f"prepared {data_mod.dataset_dir(root)}: {s['train_images']} train / {s['test_images']} test "
-               f"images, {s['classes']} classes; {kind}")
+    typer.echo(f"prepared dataset {s['name']!r} in {dataset_location(root, d)}: {s['train_images']} train / "
+               f"{s['test_images']} test images, {s['classes']} classes, {s['image_size']}x{s['image_size']} px; "
+               f"{known_text(s)}")
+
+
+def dataset_location(root: Path, d) -> Path:
+    return data_mod.dataset_dir(root) if d.name == data_mod.PAPER_DATASET else data_mod.dataset_folder(root, d.name)
+
+
+def known_text(s: dict) -> str:
+    if s["known"] == data_mod.PAPER_DATASET:
+        return "the real CIFAR-100"
+    if s["known"] == "cifar10":
+        return "the real CIFAR-10 (its official pickles, recognised by their published md5)"
+    if s["name"] == data_mod.PAPER_DATASET:
+        return "not the official CIFAR-100 (digests differ)"
+    return "not a known dataset"
+
+
+DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", help="Dataset name under the data root "
+                                                   "(default: cifar100, or the dataset the folder is).")]
 
 
 @data_app.command("info")
 def data_info(root: DataRootOpt = data_mod.DEFAULT_ROOT,
+              dataset: DatasetOpt = None,
               as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Counts, content digests, and whether ROOT holds the real CIFAR-100."""
-    s = data_mod.summary(data_mod.load_cifar100(root))
+    """Counts, image size, content digests, and which known dataset (if any) ROOT holds."""
+    if dataset is None and not (Path(root) / data_mod.DATASET_FILE).is_file() \
+            and not data_mod.dataset_dir(root).is_dir():
+        have = data_mod.available_datasets(root)
+        if len(have) == 1:
+            dataset = have[0]
+        elif have:
+            fail(f"{root} holds several datasets ({', '.join(have)}): choose one with --dataset")
+    d = data_mod.load_dataset(root, dataset)
+    s = data_mod.summary(d)
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return
-    typer.echo(f"folder:       {data_mod.dataset_dir(root)}")
-    typer.echo(f"train images: {s['train_images']} ({s['train_per_class']} per class)")
-    typer.echo(f"test images:  {s['test_images']} ({s['test_per_class']} per class)")
-    typer.echo(f"classes:      {s['classes']}")
+    counts = lambda y: data_mod.per_class_text(np.bincount(y, minlength=d.num_classes))
+    names = ", ".join(d.class_names[:5]) + (", ..." if d.num_classes > 5 else "")
+    typer.echo(f"dataset:      {s['name']} ({s['label']})")
+    typer.echo(f"folder:       {dataset_location(root, d)}")
+    typer.echo(f"train images: {s['train_images']} ({counts(d.train_labels)})")
+    typer.echo(f"test images:  {s['test_images']} ({counts(d.test_labels)})")
+    typer.echo(f"classes:      {s['classes']} ({names})")
+    typer.echo(f"image size:   {s['image_size']} x {s['image_size']} px")
+    if d.source.get("resize"):
+        typer.echo(f"made by:      {d.source['format']} import of {d.source.get('path')}, {d.source['resize']}")
     for k, v in s["digests"].items():
-        mark = "ok" if data_mod.REAL_DIGESTS[k] == v else "differs from CIFAR-100"
-        typer.echo(f"sha256 {k:<13} {v} ({mark})")
-    typer.echo(f"real CIFAR-100: {'yes' if s['real_cifar100'] else 'no'}")
+        mark = (" (ok)" if data_mod.REAL_DIGESTS[k] == v else " (differs from CIFAR-100)") \
+            if d.name == data_mod.PAPER_DATASET else ""
+        typer.echo(f"sha256 {k:<13} {v}{mark}")
+    typer.echo(f"recognised:   {known_text(s)}")
+    if d.name == data_mod.PAPER_DATASET:
+        typer.echo(f"real CIFAR-100: {'yes' if s['real_cifar100'] else 'no'}")
+    others = [n for n in data_mod.available_datasets(root) if n != d.name]
+    if others:
+        typer.echo(f"other datasets in {root}: {', '.join(others)}")
 
 
 # -- splits ----------------------------------------------------------------------------------
@@ -198,28 +264,45 @@ def splits_verify(root: SplitsRootOpt = None) -> None:
              "`harness splits import DIR` (e.g. ../shared/splits) or `harness splits fetch`")
 
 
+def split_data(name: str, data_root: Path, dataset: str | None):
+    """The dataset a split's indices point into: the one it records (paper splits: CIFAR-100), or
+    --dataset for a bare .npy file; a split of another dataset is refused."""
+    owner = splits_mod.split_dataset(name)
+    if dataset is not None and owner is not None and dataset != owner:
+        fail(f"split {name!r} belongs to dataset {owner!r}, not {dataset!r}")
+    d = data_mod.load_dataset(data_root, dataset or owner)
+    splits_mod.check_belongs(name, d)
+    return d
+
+
 @splits_app.command("show")
 def splits_show(name: Annotated[str, typer.Argument(help="Split: 1-5 (the paper's), a name from "
                                                 "splits/manifest.json or a generated one, or a .npy path.")],
-                data_root: Annotated[Path, typer.Option("--data-root", help="Dataset folder for the labels.")]
-                = data_mod.DEFAULT_ROOT,
+                data_root: Annotated[Path, typer.Option("--data-root", help="Folder of the datasets, for the "
+                                                        "labels.")] = data_mod.DEFAULT_ROOT,
+                dataset: Annotated[Optional[str], typer.Option(help="Dataset of a .npy split (named splits "
+                                                               "record their own).")] = None,
                 root: SplitsRootOpt = None,
                 plot: Annotated[Optional[Path], typer.Option(help="Write a per-class histogram PNG here.")] = None
                 ) -> None:
     """Length, per-class histogram against the dataset's labels, imbalance ratio."""
-    d = data_mod.load_cifar100(data_root)
     name = f"split{name}" if name.isdigit() else name  # as `harness train --split 1` reads it
+    d = split_data(name, data_root, dataset)
     idx = splits_mod.load_split(name, root, num_images=len(d.train_labels))
-    counts = splits_mod.class_counts(idx, d.train_labels)
-    typer.echo(f"{name}: {len(idx)} indices, {int((counts > 0).sum())} classes present")
+    counts = splits_mod.class_counts(idx, d.train_labels, d.num_classes)
+    typer.echo(f"{name}: {len(idx)} indices of dataset {d.name!r}, {int((counts > 0).sum())} of "
+               f"{d.num_classes} classes present")
     typer.echo(f"per class: max {counts.max()}, min {counts.min()}, "
                f"imbalance ratio {splits_mod.imbalance_ratio(counts):.1f}")
     order = counts.argsort(kind="stable")[::-1]
     width = 40 / max(counts.max(), 1)
-    for c in order:
+    shown = order if len(order) <= 120 else np.concatenate([order[:50], order[-50:]])
+    for i, c in enumerate(shown):
+        if len(shown) < len(order) and i == 50:
+            typer.echo(f"  ... {len(order) - 100} classes ...")
         typer.echo(f"  {d.class_names[c]:<22} {counts[c]:>5} {'#' * max(int(counts[c] * width), 0)}")
     if plot:
-        splits_mod.plot_histogram(counts, name, plot)
+        splits_mod.plot_histogram(counts, f"{name} ({d.name})", plot)
         typer.echo(f"wrote {plot}")
 
 
@@ -227,7 +310,9 @@ def splits_show(name: Annotated[str, typer.Argument(help="Split: 1-5 (the paper'
 def splits_make(
     name: Annotated[str, typer.Argument(help="Name of the new pretraining split; its probe lists are "
                                         "NAME_full and NAME_<k>shot_<1..subsets>.")],
-    data_root: Annotated[Path, typer.Option("--data-root", help="Dataset whose labels to use.")] = data_mod.DEFAULT_ROOT,
+    dataset: Annotated[str, typer.Option(help="Dataset to draw from (its own train set): cifar100, or a name "
+                                         "given to `harness data prepare`.")] = data_mod.PAPER_DATASET,
+    data_root: Annotated[Path, typer.Option("--data-root", help="Folder of the datasets.")] = data_mod.DEFAULT_ROOT,
     max_per_class: Annotated[int, typer.Option(help="Images in the largest class.")] = 450,
     ratio: Annotated[float, typer.Option(help="Imbalance ratio: largest / smallest class.")] = 100.0,
     seed: Annotated[int, typer.Option(help="Seed for the class order and the draws.")] = 0,
@@ -235,8 +320,9 @@ def splits_make(
     subsets: Annotated[int, typer.Option(help="Lists per k (the paper uses five).")] = 5,
     full_per_class: Annotated[int, typer.Option(help="Images per class in the full-shot probe list "
                                                 "(0: as many as every class has).")] = 0,
-    exclude: Annotated[Optional[str], typer.Option(help="Split name or .npy whose indices no list may use "
-                                                   "(the paper keeps 'val' out).")] = None,
+    exclude: Annotated[Optional[str], typer.Option(help="Split name or .npy whose indices no list may use; a named "
+                                                   "split must belong to --dataset (the paper keeps CIFAR-100's "
+                                                   "'val' out).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help=f"Folder for the generated files and their manifest (default: ${splits_mod.GENERATED_ENV_VAR} "
              "or splits/generated).")] = None,
@@ -244,39 +330,54 @@ def splits_make(
 ) -> None:
     """Generate a long-tailed pretraining split and its probe family.
 
-    The split follows an exponential profile. Its probe family, drawn from it as
-    the paper's are, is a full-shot list and --subsets k-shot lists per k.
-    Evaluate with `harness eval RUN --probe-family NAME`.
+    The split follows an exponential profile drawn from --dataset's train set.
+    Its probe family, drawn from it as the paper's are, is a full-shot list and
+    --subsets k-shot lists per k. The files record the dataset they belong to;
+    `harness train --split NAME` and `harness eval` find it from there.
     """
     splits_mod.check_split_name(name)
-    ks = [int(x) for x in shots.split(",") if x.strip()]
+    try:
+        ks = [int(x) for x in shots.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--shots {shots!r}: give comma-separated whole numbers, e.g. 100,50 (or '' for none)")
+    if any(k < 1 for k in ks) or subsets < 1:
+        fail("--shots must be positive and --subsets at least 1")
     out = out or splits_mod.generated_dir()
     names = [name, f"{name}_full"] + [f"{name}_{k}shot_{j}" for k in ks for j in range(1, subsets + 1)]
     existing = sorted({e.name for e in splits_mod.generated_entries(out)} & set(names))
     if existing and not force:
         fail(f"split {name!r} already exists in {out} ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}): "
              "runs may depend on it; choose another name or pass --force to replace it")
-    d = data_mod.load_cifar100(data_root)
-    labels = d.train_labels
+    d = data_mod.load_dataset(data_root, dataset)
+    labels, C = d.train_labels, d.num_classes
+    if exclude:
+        owner = splits_mod.split_dataset(exclude)
+        if owner is not None and owner != d.name:
+            fail(f"--exclude {exclude}: that split belongs to dataset {owner!r}, not {d.name!r}; exclude only index "
+                 f"lists of {d.name!r} (a split made from it, or a .npy of positions in its train set)")
+        splits_mod.check_belongs(exclude, d)
     ex = splits_mod.load_split(exclude, num_images=len(labels)) if exclude else None
     pool = np.setdiff1d(np.arange(len(labels)), ex) if ex is not None else np.arange(len(labels))
-    available = int(np.bincount(labels[pool], minlength=data_mod.NUM_CLASSES).min())
+    available = int(np.bincount(labels[pool], minlength=C).min())
     per_class = full_per_class or available
     same = [k for k in ks if k >= per_class]
     if same:  # every such list would be the full-shot list itself: same images, scores differing only by seed
         fail(f"{same[0]}-shot lists need fewer than the {per_class} images per class of the full-shot list, or "
              f"they are that list itself; raise --full-per-class (the data allows {available}) or lower --shots")
     # draw every list first, write them after: a draw that fails leaves no half family behind
-    idx = splits_mod.make_long_tailed(labels, max_per_class, ratio, seed, ex)
-    full = splits_mod.make_k_shot(labels, per_class, seed + 1, pool)
-    family = [(name, idx, "pretrain", f"long tail max {max_per_class} ratio {ratio} seed {seed}"),
-              (f"{name}_full", full, "probe-full", f"{per_class} per class")]
-    family += [(f"{name}_{k}shot_{j}", splits_mod.make_k_shot(labels, k, seed + 1000 * k + j, full), f"probe-{k}",
-                f"{k} per class from {name}_full, list {j}") for k in ks for j in range(1, subsets + 1)]
-    made = [splits_mod.save_generated(n, i, role, desc, out) for n, i, role, desc in family]
+    idx = splits_mod.make_long_tailed(labels, max_per_class, ratio, seed, ex, num_classes=C)
+    full = splits_mod.make_k_shot(labels, per_class, seed + 1, pool, num_classes=C)
+    family = [(name, idx, "pretrain", f"{d.name}: long tail max {max_per_class} ratio {ratio} seed {seed}"),
+              (f"{name}_full", full, "probe-full", f"{d.name}: {per_class} per class")]
+    family += [(f"{name}_{k}shot_{j}", splits_mod.make_k_shot(labels, k, seed + 1000 * k + j, full, num_classes=C),
+                f"probe-{k}", f"{d.name}: {k} per class from {name}_full, list {j}")
+               for k in ks for j in range(1, subsets + 1)]
+    digest = d.digest()
+    made = [splits_mod.save_generated(n, i, role, desc, out, dataset=d.name, dataset_digest=digest)
+            for n, i, role, desc in family]
     for e in made:
         typer.echo(f"{e.name:<24} {e.length:>6} indices  {e.role:<10} sha256 {e.sha256[:12]}…")
-    typer.echo(f"wrote {len(made)} files and their manifest to {out}")
+    typer.echo(f"wrote {len(made)} files and their manifest to {out} (dataset {d.name!r}, {C} classes)")
 
 
 # -- runs ------------------------------------------------------------------------------------
@@ -415,8 +516,10 @@ def train_command(
                                                   "split folders.")] = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="Tag the run (repeatable).")] = None,
     set_: SetOpt = None,
-    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Dataset folder (default: data; "
-                                                      "a resumed run reuses its own).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset of a .npy split (named splits record their "
+                                                   "own: the paper's are cifar100's).")] = None,
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Folder of the datasets (default: "
+                                                      "data; a resumed run reuses its own).")] = None,
     splits_root: SplitsRootOpt = None,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Where checkpoints go, run<ID>/last.pt "
                                                            "(default: checkpoints; a resumed run reuses "
@@ -437,7 +540,7 @@ def train_command(
                  splits_root=str(splits_root) if splits_root else None,
                  checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
     recipe = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                  warmup_epochs=warmup_epochs, seed=seed, width=width, subset=subset)
+                  warmup_epochs=warmup_epochs, seed=seed, width=width, subset=subset, dataset=dataset)
     runtime = dict(device=device, compile=compile, compile_mode=compile_mode, checkpoint_every=checkpoint_every,
                    monitor_every=monitor_every, max_steps=max_steps, **paths)
     reg = open_registry(registry)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional, Sequence
 
@@ -21,6 +22,7 @@ import typer
 from harness.errors import HarnessError
 from harness import data as data_mod
 from harness import splits as splits_mod
+from harness.groups import GroupRule
 from harness.registry import Registry
 
 if TYPE_CHECKING:  # annotations only; the real imports are deferred (see the module docstring)
@@ -147,7 +149,7 @@ def load_model(path: Path, fmt: str = "ours", method: str | None = None) -> tupl
             raise EvalError(f"{path}: {e}") from None
         epoch = obj.get("epoch") if isinstance(obj, dict) else None
         return net, {"method": method, "split": None, "epoch": epoch if isinstance(epoch, int) else None,
-                     "config": {}}
+                     "config": {}, "dataset": None}
     obj = _torch_load(path)
     if not (isinstance(obj, dict) and "model" in obj and "method" in obj):
         hint = " (it looks like the authors' layout: add --format reference --method M)" \
@@ -162,87 +164,171 @@ def load_model(path: Path, fmt: str = "ours", method: str | None = None) -> tupl
     if problem:
         raise EvalError(f"{path}: the weights under 'model' do not fit the network {obj['method']} probes: {problem}")
     net.load_state_dict(obj["model"])
+    dataset = (obj.get("train_config") or {}).get("dataset") if isinstance(obj.get("train_config"), dict) else None
     return net, {"method": obj["method"], "split": obj.get("split"), "epoch": obj.get("epoch"),
-                 "config": obj.get("config") or {}}
+                 "config": obj.get("config") or {}, "dataset": dataset if isinstance(dataset, str) else None}
 
 
 # -- evaluation --------------------------------------------------------------------------------
 
-def class_counts_for(split: str | None, labels: np.ndarray, splits_root: Path | None) -> np.ndarray | None:
-    """Per-class counts of the pretraining split (None when the split is unknown)."""
+def class_counts_for(split: str | None, data: data_mod.Dataset, splits_root: Path | None) -> np.ndarray | None:
+    """Per-class counts of the pretraining split in `data` (None when the split is unknown)."""
     if not split:
         return None
-    idx = splits_mod.load_split(split, splits_root, num_images=len(labels))
-    return np.bincount(labels[idx], minlength=data_mod.NUM_CLASSES)
+    splits_mod.check_belongs(split, data)
+    idx = splits_mod.load_split(split, splits_root, num_images=len(data.train_labels))
+    return np.bincount(data.train_labels[idx], minlength=data.num_classes)
 
 
-def evaluate_network(net: torch.nn.Module, data: data_mod.CifarData, shots: Sequence[str],
-                     splits_root: Path | None, class_counts: np.ndarray | None, device: torch.device,
-                     cfg: ProbeConfig, seed: int = 0, bf16: bool = False, progress: bool = True,
-                     probe_family: str | None = None) -> list[dict]:
+def balanced_test_subset(labels: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
+    """Positions of `limit` test images spread evenly over the classes (a seeded draw, round-robin
+    over the classes in a shuffled order within each), sorted; every image when `limit` is None."""
+    n = len(labels)
+    if limit is None or limit >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    rank = np.empty(n, dtype=np.int64)  # position of each image within its class, in a seeded order
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rank[rng.permutation(members)] = np.arange(len(members))
+    order = np.lexsort((labels, rank))  # all first images of each class, then all second ones, ...
+    return np.sort(order[:limit])
+
+
+@dataclass
+class EvalPlan:
+    """Everything an evaluation needs, loaded and checked before any feature is extracted."""
+    data: data_mod.Dataset
+    lists: list[tuple[str, int, str]]   # (kind, subset, split name) per probe
+    indices: list[np.ndarray]           # each probe's training positions in the train set
+    counts: np.ndarray | None           # the pretraining split's class counts (None: no groups)
+    groups: GroupRule
+    sizes: dict | None                  # classes per group
+    test_idx: np.ndarray                # the test images scored (all, or --test-limit of them)
+    family: str | None
+
+
+def default_family(split: str | None, data: data_mod.Dataset) -> str | None:
+    """The paper's lists for CIFAR-100; for another dataset the family its pretraining split came with."""
+    if data.name == data_mod.PAPER_DATASET:
+        return None
+    names = {e.name for e in splits_mod.generated_entries()}
+    if split and f"{split}_full" in names:
+        return split
+    raise EvalError(f"dataset {data.name!r} has no probe lists given: the paper's lists index CIFAR-100; pass "
+                    f"--probe-family NAME (made by `harness splits make NAME --dataset {data.name}`)")
+
+
+def plan_evaluation(split: str | None, data_root: Path, splits_root: Path | None, shots: Sequence[str],
+                    dataset: str | None = None, probe_family: str | None = None,
+                    groups: GroupRule | None = None, test_limit: int | None = None,
+                    seed: int = 0) -> EvalPlan:
+    """Load and check the data, the pretraining split, every probe list, the groups and the test
+    subset: a probe that cannot run fails here, before the slow part."""
+    from harness.groups import THIRDS, group_sizes
+
+    if test_limit is not None and test_limit < 1:
+        raise EvalError(f"--test-limit {test_limit}: must be at least 1 (omit it to score every test image)")
+    name = dataset or (splits_mod.split_dataset(split) if split else None) or data_mod.PAPER_DATASET
+    data = data_mod.load_dataset(data_root, name)
+    counts = class_counts_for(split, data, splits_root)
+    family = probe_family or default_family(split, data)
+    lists = probe_lists(shots, family)
+    n_train = len(data.train_labels)
+    indices = []
+    for _, _, list_name in lists:
+        splits_mod.check_belongs(list_name, data)
+        idx = splits_mod.load_split(list_name, splits_root, num_images=n_train)
+        if len(idx) == 0:
+            raise EvalError(f"probe list {list_name!r} is empty: nothing to train that probe on")
+        indices.append(idx)
+    rule = groups or THIRDS
+    if rule.kind == "thirds" and data.num_classes < 3:
+        rule = GroupRule("none")  # two classes make no three groups
+    sizes = None
+    if counts is not None and rule.kind != "none":
+        sizes = group_sizes(counts, rule)
+        empty = [g for g in ("many", "medium", "few") if sizes[g] == 0]
+        if empty:
+            raise EvalError(f"class groups ({rule.describe()}) leave {', '.join(empty)} empty for split {split!r} "
+                            f"(many {sizes['many']}, medium {sizes['medium']}, few {sizes['few']} classes); "
+                            "choose other thresholds with --groups counts:MANY,FEW, or --groups none")
+    test_idx = balanced_test_subset(data.test_labels, test_limit, seed)
+    return EvalPlan(data, lists, indices, counts, rule, sizes, test_idx, family)
+
+
+def evaluate_network(net: torch.nn.Module, plan: EvalPlan, device: torch.device, cfg: ProbeConfig,
+                     seed: int = 0, bf16: bool = False, progress: bool = True) -> list[dict]:
     """Extract features (once per needed image) and train/score every probe as one batch."""
     import torch
     from tqdm import tqdm
 
     from harness.probe import ProbeSpec, extract_features, run_probes
 
-    lists = probe_lists(shots, probe_family)
-    n_train = len(data.train_labels)
-    indices = [splits_mod.load_split(name, splits_root, num_images=n_train) for _, _, name in lists]
-    needed = np.unique(np.concatenate(indices))
+    data = plan.data
+    needed = np.unique(np.concatenate(plan.indices))
     net = net.to(device)
-    with tqdm(total=len(needed) + len(data.test_images), desc="features", unit="img", disable=not progress,
+    with tqdm(total=len(needed) + len(plan.test_idx), desc="features", unit="img", disable=not progress,
               file=sys.stderr, dynamic_ncols=True) as bar:
         train_feats = extract_features(net, data.train_images[needed], device, bf16=bf16, on_batch=bar.update)
-        test_feats = extract_features(net, data.test_images, device, bf16=bf16, on_batch=bar.update)
+        test_feats = extract_features(net, data.test_images[plan.test_idx], device, bf16=bf16, on_batch=bar.update)
     train_labels = torch.as_tensor(data.train_labels[needed], device=device)
-    test_labels = torch.as_tensor(data.test_labels, device=device)
+    test_labels = torch.as_tensor(data.test_labels[plan.test_idx], device=device)
     specs = [ProbeSpec(kind, subset, torch.as_tensor(np.searchsorted(needed, idx), device=device),
                        probe_seed(kind, subset, seed), {"list": name})
-             for (kind, subset, name), idx in zip(lists, indices)]
+             for (kind, subset, name), idx in zip(plan.lists, plan.indices)]
     with tqdm(total=cfg.epochs, desc=f"{len(specs)} probes", unit="epoch", disable=not progress,
               file=sys.stderr) as bar:
-        results = run_probes(specs, train_feats, train_labels, test_feats, test_labels, class_counts, cfg,
-                             on_epoch=lambda _: bar.update(1))
+        results = run_probes(specs, train_feats, train_labels, test_feats, test_labels, plan.counts, cfg,
+                             on_epoch=lambda _: bar.update(1), num_classes=data.num_classes, groups=plan.groups)
     for r, s in zip(results, specs):
         r.update(list=s.extra["list"], seed=s.seed)
     return results
 
 
-def log_results(registry: Registry, run_id: int, results: list[dict], config: dict) -> None:
-    for r in results:
-        registry.log_probe(run_id, r["kind"], r["subset"], r["top1"], top5=r["top5"], many=r["many"],
-                           medium=r["medium"], few=r["few"], std=r["std"], per_class=r["per_class"],
-                           config={**config, "list": r["list"], "seed": r["seed"], "train_size": r["train_size"]})
+def probe_rows(results: list[dict], config: dict) -> list[dict]:
+    return [{"kind": r["kind"], "subset": r["subset"], "top1": r["top1"], "top5": r["top5"], "many": r["many"],
+             "medium": r["medium"], "few": r["few"], "std": r["std"], "per_class": r["per_class"],
+             "config": {**config, "list": r["list"], "seed": r["seed"], "train_size": r["train_size"]}}
+            for r in results]
 
 
-def _evaluate(registry: Registry, run_id: int, net: torch.nn.Module, split: str | None, checkpoint: Path,
-              sha256: str, fmt: str, data_root: Path, splits_root: Path | None, shots: Sequence[str],
+def _evaluate(net: torch.nn.Module, plan: EvalPlan, split: str | None, checkpoint: Path, sha256: str, fmt: str,
               epochs: int, device: str | None, seed: int, bf16: bool, progress: bool, ck_epoch,
-              probe_family: str | None = None) -> dict:
+              test_limit: int | None) -> dict:
+    """Compute every score of `plan` (nothing is written): the rows to log and the summary."""
     from harness.probe import ProbeConfig
 
-    shots = parse_shots(shots)
     dev = pick_device(device)
-    data = data_mod.load_cifar100(data_root)
-    counts = class_counts_for(split, data.train_labels, splits_root)
     cfg = ProbeConfig(epochs=epochs)
     t0 = time.perf_counter()
-    results = evaluate_network(net, data, shots, splits_root, counts, dev, cfg, seed, bf16, progress, probe_family)
+    results = evaluate_network(net, plan, dev, cfg, seed, bf16, progress)
+    d = plan.data
     config = {"epochs": cfg.epochs, "lr": cfg.lr, "final_lr": cfg.final_lr, "weight_decay": cfg.weight_decay,
               "batch_size": cfg.batch_size, "checkpoint": str(checkpoint), "checkpoint_sha256": sha256,
               "checkpoint_epoch": ck_epoch, "format": fmt, "device": str(dev), "bf16": bf16,
-              "pretrain_split": split, "probe_family": probe_family or "paper"}
-    log_results(registry, run_id, results, config)
-    return {"run_id": run_id, "split": split, "checkpoint": str(checkpoint), "results": results,
-            "summary": summarize(results), "time_s": time.perf_counter() - t0}
+              "pretrain_split": split, "probe_family": plan.family or "paper",
+              "dataset": d.name, "dataset_digest": d.digest(), "classes": d.num_classes,
+              "groups": {**plan.groups.to_dict(), "sizes": plan.sizes},
+              "test_limit": test_limit if len(plan.test_idx) < len(d.test_labels) else None,
+              "test_images": int(len(plan.test_idx)), "test_images_total": int(len(d.test_labels))}
+    return {"split": split, "checkpoint": str(checkpoint), "results": results, "rows": probe_rows(results, config),
+            "summary": summarize(results), "time_s": time.perf_counter() - t0, "dataset": d.name,
+            "test_images": config["test_images"], "test_images_total": config["test_images_total"],
+            "groups": plan.groups, "sizes": plan.sizes}
+
+
+EVAL_FAILED = "evaluation failed: "
 
 
 def evaluate_run(registry: Registry, run_id: int, data_root: Path, splits_root: Path | None,
                  shots: Sequence[str] = SHOT_KINDS, epochs: int = 500, device: str | None = None,
                  seed: int = 0, bf16: bool = False, progress: bool = True,
-                 probe_family: str | None = None) -> dict:
-    """Probe the latest checkpoint of registry run `run_id` and log the scores to that run."""
+                 probe_family: str | None = None, groups: GroupRule | None = None,
+                 test_limit: int | None = None) -> dict:
+    """Probe the latest checkpoint of registry run `run_id` and log the scores to that run (all in
+    one transaction). Everything is checked before the compute; a failure after it is recorded in
+    the run's error field, so a run without scores says why."""
     run = registry.get_run(run_id)
     ck = registry.latest_checkpoint(run_id)
     if ck is None:
@@ -255,10 +341,22 @@ def evaluate_run(registry: Registry, run_id: int, data_root: Path, splits_root: 
         raise EvalError(f"checkpoint {path} of run {run_id} has sha256 {sha[:12]}…, the registry "
                         f"recorded {ck['sha256'][:12]}…; the file changed since it was written")
     net, info = load_model(path, "ours", run["method"])
-    out = _evaluate(registry, run_id, net, run["split"], path, sha, "ours", data_root, splits_root, shots,
-                    epochs, device, seed, bf16, progress,
-                    info["epoch"] if info["epoch"] is not None else ck.get("epoch"), probe_family)
-    return {**out, "method": run["method"]}
+    recorded = (run.get("config") or {}).get("dataset")
+    plan = plan_evaluation(run["split"], data_root, splits_root, parse_shots(shots),
+                           recorded if isinstance(recorded, str) else None, probe_family, groups, test_limit, seed)
+    pick_device(device)
+    try:
+        out = _evaluate(net, plan, run["split"], path, sha, "ours", epochs, device, seed, bf16, progress,
+                        info["epoch"] if info["epoch"] is not None else ck.get("epoch"), test_limit)
+        cleared = {"error": None} if (run.get("error") or "").startswith(EVAL_FAILED) else {}
+        registry.log_probes(run_id, out["rows"], **cleared)
+    except Exception as e:
+        try:
+            registry.update_run(run_id, error=f"{EVAL_FAILED}{e.__class__.__name__}: {e}")
+        except Exception:  # the registry itself failed: the original error says more
+            pass
+        raise
+    return {**out, "run_id": run_id, "method": run["method"]}
 
 
 def find_external_run(registry: Registry, sha256: str) -> int | None:
@@ -273,29 +371,37 @@ def evaluate_checkpoint(registry: Registry, checkpoint: Path, data_root: Path, s
                         fmt: str = "ours", method: str | None = None, split: str | None = None,
                         shots: Sequence[str] = SHOT_KINDS, epochs: int = 500, device: str | None = None,
                         seed: int = 0, bf16: bool = False, progress: bool = True,
-                        probe_family: str | None = None) -> dict:
-    """Probe a bare checkpoint file and log it as a run with status "done" and tag "external"."""
+                        probe_family: str | None = None, dataset: str | None = None,
+                        groups: GroupRule | None = None, test_limit: int | None = None) -> dict:
+    """Probe a bare checkpoint file and log it as a run tagged "external". The scores are computed
+    first; the run row is written with them, so a failed evaluation leaves no row behind."""
     checkpoint = Path(checkpoint)
     parse_shots(shots)  # fail before the slow part
     pick_device(device)
     net, info = load_model(checkpoint, fmt, method)
     method = info["method"]
-    # the published reference models were pretrained on split 1
-    split = split or info["split"] or "split1"
+    cfg = info["config"]
+    dataset = dataset or info["dataset"]
+    # the published reference models were pretrained on split 1 (of CIFAR-100)
+    if not split and not info["split"] and dataset in (None, data_mod.PAPER_DATASET):
+        split = "split1"
+    split = split or info["split"]
+    plan = plan_evaluation(split, data_root, splits_root, parse_shots(shots), dataset, probe_family, groups,
+                           test_limit, seed)
     sha = data_mod.sha256_file(checkpoint)
+    out = _evaluate(net, plan, split, checkpoint, sha, fmt, epochs, device, seed, bf16, progress, info["epoch"],
+                    test_limit)
     run_id = find_external_run(registry, sha)
     if run_id is None:
-        cfg = info["config"]
         seed_ = cfg.get("seed")  # -1: unknown (the authors' files do not say)
-        run_id = registry.create_run(method, split, seed=seed_ if isinstance(seed_, int) else -1,
+        run_id = registry.create_run(method, split or "", seed=seed_ if isinstance(seed_, int) else -1,
                                      epochs=int(cfg.get("epochs") or info["epoch"] or 0),
                                      config={"checkpoint": str(checkpoint), "checkpoint_sha256": sha,
-                                             "format": fmt, "source_config": cfg},
-                                     tags=["external"], status="done")
-        registry.update_run(run_id, epochs_done=int(info["epoch"] or 0))
-    out = _evaluate(registry, run_id, net, split, checkpoint, sha, fmt, data_root, splits_root, shots, epochs,
-                    device, seed, bf16, progress, info["epoch"], probe_family)
-    return {**out, "method": method}
+                                             "format": fmt, "source_config": cfg, "dataset": plan.data.name,
+                                             "dataset_info": plan.data.identity()},
+                                     tags=["external"], status="pending")
+    registry.log_probes(run_id, out["rows"], status="done", epochs_done=int(info["epoch"] or 0))
+    return {**out, "run_id": run_id, "method": method}
 
 
 # -- command -----------------------------------------------------------------------------------
@@ -303,8 +409,16 @@ def evaluate_checkpoint(registry: Registry, checkpoint: Path, data_root: Path, s
 def format_results(out: dict) -> str:
     def f(v):
         return "-" if v is None else f"{v:.2f}"
-    lines = [f"run {out['run_id']} ({out['method']}, pretrain split {out['split']}): {out['checkpoint']}",
-             f"{'probe':<10}{'top1':>8}{'top5':>8}{'many':>8}{'medium':>8}{'few':>8}{'std':>8}"]
+    lines = [f"run {out['run_id']} ({out['method']}, dataset {out['dataset']}, pretrain split {out['split']}): "
+             f"{out['checkpoint']}"]
+    if out["test_images"] < out["test_images_total"]:
+        lines.append(f"scored on {out['test_images']} of {out['test_images_total']} test images (--test-limit): "
+                     "a quick look, marked as such in reports")
+    if out.get("sizes"):
+        z = out["sizes"]
+        lines.append(f"class groups ({out['groups'].describe()}): many {z['many']}, medium {z['medium']}, "
+                     f"few {z['few']} classes")
+    lines += [f"{'probe':<10}{'top1':>8}{'top5':>8}{'many':>8}{'medium':>8}{'few':>8}{'std':>8}"]
     for r in out["results"]:
         name = "full" if r["kind"] == "full" else f"{r['kind']}/{r['subset']}"
         lines.append(f"{name:<10}" + "".join(f"{f(r[k]):>8}" for k in ("top1", "top5", "many", "medium", "few", "std")))
@@ -326,14 +440,25 @@ def eval_command(
                          "which reads the authors' simclr, sdclr, bcl-i and bcl-d files).")] = None,
     split: Annotated[Optional[str], typer.Option(
         "--split", help="Pretraining split of a --checkpoint model, for the Many/Medium/Few groups "
-                        "(default: from the checkpoint, else split1).")] = None,
+                        "(default: from the checkpoint, else split1 for CIFAR-100).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", help="Dataset of a --checkpoint model (default: the one its split records, else "
+                          "cifar100); a registry run uses its own.")] = None,
+    groups: Annotated[str, typer.Option(
+        "--groups", help="Many/Medium/Few: thirds (the paper's: classes sorted by their count in the "
+                         "pretraining split, smallest third Few, next Medium, rest Many), counts:MANY,FEW "
+                         "(Many: more than MANY images, Few: fewer than FEW, e.g. counts:100,20), or none.")]
+    = "thirds",
+    test_limit: Annotated[Optional[int], typer.Option(
+        "--test-limit", help="Score on N test images only (spread evenly over the classes), for a quick "
+                             "look; recorded with the scores and marked in reports.")] = None,
     shots: Annotated[str, typer.Option(
         "--shots", help="Comma-separated probes: full (40,000 images), 100 and 50 (five lists each).")] = "full,100,50",
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Probe training epochs (the protocol: 500).")] = 500,
     device: Annotated[Optional[str], typer.Option(
         "--device", help="Torch device, e.g. cuda, cuda:1, cpu (default: cuda when available).")] = None,
     data_root: Annotated[Path, typer.Option(
-        "--data-root", help="Folder that holds cifar-100-python/.")] = data_mod.DEFAULT_ROOT,
+        "--data-root", help="Folder of the datasets (cifar-100-python/, NAME/).")] = data_mod.DEFAULT_ROOT,
     splits_root: Annotated[Optional[Path], typer.Option(
         "--splits-root", help=f"Folder of the paper's split files (default: ${splits_mod.ENV_VAR} or splits/paper).")] = None,
     registry: Annotated[Optional[str], typer.Option(
@@ -367,14 +492,23 @@ def eval_command(
             method = get(method).name
         except MethodError as e:
             raise EvalError(f"--method: {e}") from None
+    from harness.groups import parse_groups
+
+    try:
+        rule = parse_groups(groups)
+    except ValueError as e:
+        raise EvalError(f"--{e}") from None
+    if run_id is not None and dataset is not None:
+        raise EvalError("--dataset is for --checkpoint files; a registry run is evaluated on its own dataset")
     try:
         reg = Registry(registry)
         if run_id is not None:
             out = evaluate_run(reg, run_id, data_root, splits_root, parse_shots(shots), epochs, device, seed, bf16,
-                               probe_family=probe_family)
+                               probe_family=probe_family, groups=rule, test_limit=test_limit)
         else:
             out = evaluate_checkpoint(reg, checkpoint, data_root, splits_root, fmt, method, split,
-                                      parse_shots(shots), epochs, device, seed, bf16, probe_family=probe_family)
+                                      parse_shots(shots), epochs, device, seed, bf16, probe_family=probe_family,
+                                      dataset=dataset, groups=rule, test_limit=test_limit)
     except ReferenceFormatError as e:
         raise EvalError(str(e)) from None
     typer.echo(format_results(out))

@@ -201,13 +201,17 @@ def run_cell(cell: Cell, s: MatrixSettings, device: str) -> str:
 
 
 def _run_claimed_cell(reg: Registry, cell: Cell, s: MatrixSettings, device: str, owner: str) -> str:
-    from harness.evaluate import evaluate_run
-    from harness.train import RunBusy, make_config, train
+    from harness.evaluate import evaluate_run, parse_shots, plan_evaluation
+    from harness.train import RunBusy, make_config, normalise_split_name, train
 
     action, run_id = plan_cell(reg, cell, s, owner=owner)  # again: the registry may have moved on
     if action in ("skip", ELSEWHERE):
         return action
     try:
+        if s.evaluate and action in ("train", "resume"):  # probes that cannot run fail before the training
+            plan_evaluation(normalise_split_name(cell.split), Path(s.data_root),
+                            Path(s.splits_root) if s.splits_root else None, parse_shots(s.shots),
+                            probe_family=s.probe_family)
         if action in ("train", "resume"):
             cfg = make_config(cell.method, cell.split, options=s.options_for(cell.method), epochs=s.epochs,
                               batch_size=s.batch_size, width=s.width, seed=cell.seed,

@@ -1,9 +1,9 @@
 """Linear-probe protocol (SPEC section 7) as plain tensor functions.
 
 Features come from the frozen backbone (eval mode, dense branch). Probes are
-Linear(512, 100) trained with Adam (lr 1e-2, wd 5e-6, batch 1,000, 500 epochs, lr
+Linear(512, C) (C: the dataset's classes, 100 for CIFAR-100) trained with Adam (lr 1e-2, wd 5e-6, batch 1,000, 500 epochs, lr
 decayed geometrically to 1e-6). All probes of an evaluation (1 full-shot + 5 x 100-shot
-+ 5 x 50-shot) train together as one batched problem: stacked weights (P, 513, 100)
++ 5 x 50-shot) train together as one batched problem: stacked weights (P, 513, C)
 (the bias is the weight of a constant-1 feature), torch.bmm, and a hand-written Adam that
 matches torch.optim.Adam step for step. Probes see different numbers of batches per
 epoch; they are sorted by batch count so that the probes still training at step j are
@@ -14,6 +14,7 @@ state, no wasted compute). On CUDA an epoch is replayed as a CUDA graph: the 11-
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -22,7 +23,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-NUM_CLASSES = 100
+from harness.groups import THIRDS, GroupRule, class_groups, group_sizes, parse_groups  # noqa: F401 (re-exported)
+
 FEATURE_DIM = 512
 
 
@@ -47,7 +49,7 @@ class ProbeConfig:
 def extract_features(net: nn.Module, images: np.ndarray | Tensor, device: torch.device | str | None = None,
                      batch_size: int = 1000, bf16: bool = False,
                      on_batch: Callable[[int], None] | None = None) -> Tensor:
-    """(N, 3, 32, 32) uint8 images -> (N, 512) fp32 features on `device` (dense branch, eval mode)."""
+    """(N, 3, S, S) uint8 images -> (N, 512) fp32 features on `device` (dense branch, eval mode)."""
     device = torch.device(device) if device is not None else next(net.parameters()).device
     was_training = net.training
     net.eval()  # BN running statistics, as the protocol says
@@ -84,7 +86,7 @@ def lr_schedule(cfg: ProbeConfig) -> list[float]:
 
 
 def init_linear(generator: torch.Generator, device: torch.device | str = "cpu",
-                dim_in: int = FEATURE_DIM, dim_out: int = NUM_CLASSES) -> tuple[Tensor, Tensor]:
+                dim_in: int = FEATURE_DIM, *, dim_out: int) -> tuple[Tensor, Tensor]:
     """nn.Linear's default init, drawn from `generator`: weight (dim_out, dim_in), bias (dim_out,)."""
     w = torch.empty(dim_out, dim_in, device=device)
     nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
@@ -100,18 +102,20 @@ def probe_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 def train_probes(feats: Tensor, labels: Tensor, subsets: Sequence[Tensor], seeds: Sequence[int],
                  cfg: ProbeConfig = ProbeConfig(), on_epoch: Callable[[int], None] | None = None,
-                 cuda_graph: bool = True) -> tuple[Tensor, Tensor]:
+                 cuda_graph: bool = True, num_classes: int | None = None) -> tuple[Tensor, Tensor]:
     """Train len(subsets) independent probes at once.
 
     feats (N, 512) and labels (N,) live on one device; subsets[p] are indices into them
     (probe p's training set); seeds[p] seeds probe p's init and permutations, so a probe's
     result does not depend on which others it was batched with.
-    Returns weights (P, 512, 100) and biases (P, 100), in the order of `subsets`.
+    Returns weights (P, 512, C) and biases (P, C), in the order of `subsets`; C is `num_classes`
+    (callers with a dataset give its class count; else one more than the largest label).
     On CUDA one epoch's steps are captured once as a CUDA graph and replayed (the loop is
     launch-bound otherwise); `cuda_graph=False` runs the same kernels eagerly.
     """
     assert len(subsets) == len(seeds) and len(subsets) > 0
     device, P, B = feats.device, len(subsets), cfg.batch_size
+    C = int(num_classes) if num_classes is not None else int(labels.max()) + 1
     subsets = [torch.as_tensor(s, device=device, dtype=torch.long) for s in subsets]
     sizes = [len(s) for s in subsets]
     assert min(sizes) > 0, "empty probe training set"
@@ -125,9 +129,9 @@ def train_probes(feats: Tensor, labels: Tensor, subsets: Sequence[Tensor], seeds
     # Probes train in the features' dtype (fp32 in practice; fp64 lets tests compare exactly).
     x1 = torch.cat([feats, torch.ones(len(feats), 1, device=device, dtype=feats.dtype)], 1)
     D = feats.shape[1]  # 512 at the paper's width
-    theta = torch.empty(P, D + 1, NUM_CLASSES, device=device, dtype=feats.dtype)
+    theta = torch.empty(P, D + 1, C, device=device, dtype=feats.dtype)
     for i, g in enumerate(gens):
-        w_i, b_i = init_linear(g, device, dim_in=D)
+        w_i, b_i = init_linear(g, device, dim_in=D, dim_out=C)
         theta[i, :D], theta[i, D] = w_i.T, b_i
 
     # row p of `idx` holds probe p's epoch order, then padding; `scale` is 1/(rows in the
@@ -140,7 +144,7 @@ def train_probes(feats: Tensor, labels: Tensor, subsets: Sequence[Tensor], seeds
             scale[i, lo:hi] = 1.0 / (hi - lo)
     st = _State(x1=x1, labels=labels, theta=theta, m=torch.zeros_like(theta), v=torch.zeros_like(theta),
                 idx=torch.zeros(P, L, dtype=torch.long, device=device), scale=scale,
-                eye=torch.eye(NUM_CLASSES, device=device, dtype=feats.dtype),
+                eye=torch.eye(C, device=device, dtype=feats.dtype),
                 nb=torch.tensor(nb, device=device, dtype=torch.float64),
                 epoch=torch.zeros((), device=device, dtype=torch.float64),
                 lr=torch.zeros((), device=device, dtype=feats.dtype),
@@ -171,12 +175,12 @@ class _State:
     """Static buffers of the batched trainer (fixed addresses, so an epoch can be graph-captured)."""
     x1: Tensor        # (N, 513) features with a constant-1 column
     labels: Tensor    # (N,)
-    theta: Tensor     # (P, 513, 100) weights and bias
+    theta: Tensor     # (P, 513, C) weights and bias
     m: Tensor         # Adam first moment
     v: Tensor         # Adam second moment
     idx: Tensor       # (P, L) this epoch's sample order per probe, padded
     scale: Tensor     # (P, L) 1/batch rows on real rows, 0 on padding
-    eye: Tensor       # (100, 100) for one-hot targets
+    eye: Tensor       # (C, C) for one-hot targets
     nb: Tensor        # (P,) batches per epoch, float64
     epoch: Tensor     # () current epoch (0-based), float64
     lr: Tensor        # () current learning rate
@@ -228,15 +232,7 @@ def _adam_(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: 
 
 # -- scoring ---------------------------------------------------------------------------------
 
-def class_groups(counts: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
-    """Paper's groups from the pretraining split's class counts: stable ascending sort,
-    33 smallest = few, next 33 = medium, remaining 34 = many (class ids, sorted)."""
-    order = np.argsort(np.asarray(counts), kind="stable")
-    assert len(order) == NUM_CLASSES, f"expected {NUM_CLASSES} class counts, got {len(order)}"
-    return {"few": np.sort(order[:33]), "medium": np.sort(order[33:66]), "many": np.sort(order[66:])}
-
-
-def per_class_accuracy(pred: Tensor, labels: Tensor, num_classes: int = NUM_CLASSES) -> Tensor:
+def per_class_accuracy(pred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """(C,) accuracy in % per class; NaN for a class absent from `labels`."""
     hits = torch.bincount(labels, weights=(pred == labels).double(), minlength=num_classes)
     total = torch.bincount(labels, minlength=num_classes).double()
@@ -244,26 +240,30 @@ def per_class_accuracy(pred: Tensor, labels: Tensor, num_classes: int = NUM_CLAS
 
 
 def score_probe(W: Tensor, b: Tensor, feats: Tensor, labels: Tensor,
-                class_counts: np.ndarray | None = None) -> dict:
-    """Top-1/top-5 (%), per-class accuracy, and Many/Medium/Few/Std when class counts are given."""
+                class_counts: np.ndarray | None = None, groups: GroupRule = THIRDS) -> dict:
+    """Top-1/top-5 (%), per-class accuracy, and Many/Medium/Few/Std when class counts are given.
+    With fewer than five classes, top-5 is top-C (every class counts, so 100%)."""
     logits = feats @ W + b
-    top5 = logits.topk(5, dim=1).indices
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
     pred = top5[:, 0]
     out = {
         "top1": 100 * (pred == labels).double().mean().item(),
         "top5": 100 * (top5 == labels[:, None]).any(1).double().mean().item(),
-        "per_class": per_class_accuracy(pred, labels).cpu().tolist(),
+        "per_class": per_class_accuracy(pred, labels, W.shape[1]).cpu().tolist(),
     }
-    out.update(group_metrics(np.array(out["per_class"]), class_counts))
+    out.update(group_metrics(np.array(out["per_class"]), class_counts, groups))
     return out
 
 
-def group_metrics(per_class: np.ndarray, class_counts: np.ndarray | None) -> dict:
+def group_metrics(per_class: np.ndarray, class_counts: np.ndarray | None, groups: GroupRule = THIRDS) -> dict:
     """Group accuracy = mean of its classes' accuracies (the test set is balanced, so this is
     also the accuracy over the group's test images); Std = population std of the three."""
-    if class_counts is None:
+    if class_counts is None or groups.kind == "none":
         return {"many": None, "medium": None, "few": None, "std": None}
-    g = {name: float(np.nanmean(per_class[ids])) for name, ids in class_groups(class_counts).items()}
+    with warnings.catch_warnings():  # a group whose classes all lack test images has no mean: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        g = {name: float(np.nanmean(per_class[ids])) if len(ids) else float("nan")
+             for name, ids in class_groups(class_counts, groups).items()}
     g["std"] = float(np.std([g["many"], g["medium"], g["few"]], ddof=0))
     return g
 
@@ -281,12 +281,18 @@ class ProbeSpec:
 def run_probes(specs: Sequence[ProbeSpec], train_feats: Tensor, train_labels: Tensor,
                test_feats: Tensor, test_labels: Tensor, class_counts: np.ndarray | None = None,
                cfg: ProbeConfig = ProbeConfig(),
-               on_epoch: Callable[[int], None] | None = None) -> list[dict]:
-    """Train all probes in one batch and score each on the test features."""
+               on_epoch: Callable[[int], None] | None = None, num_classes: int | None = None,
+               groups: GroupRule = THIRDS) -> list[dict]:
+    """Train all probes in one batch and score each on the test features. `num_classes` is the
+    dataset's (default: the class counts' length, else one more than the largest label)."""
+    if num_classes is None and class_counts is not None:
+        num_classes = len(class_counts)
+    if num_classes is None:
+        num_classes = int(max(int(train_labels.max()), int(test_labels.max()))) + 1
     W, b = train_probes(train_feats, train_labels, [s.indices for s in specs], [s.seed for s in specs],
-                        cfg, on_epoch)
+                        cfg, on_epoch, num_classes=num_classes)
     results = []
     for p, s in enumerate(specs):
-        r = score_probe(W[p], b[p], test_feats, test_labels, class_counts)
+        r = score_probe(W[p], b[p], test_feats, test_labels, class_counts, groups)
         results.append({"kind": s.kind, "subset": s.subset, "train_size": len(s.indices), **r})
     return results

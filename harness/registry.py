@@ -582,6 +582,25 @@ class Registry:
             s.add(ProbeMetric(run_id=run_id, kind=kind, subset=subset, top1=top1, **metrics))
 
     @_retrying
+    def log_probes(self, run_id: int, probes: list[dict[str, Any]], **run_fields: Any) -> None:
+        """Every probe score of one evaluation, and any run fields (e.g. status "done"), in one
+        transaction: an evaluation is recorded whole or not at all."""
+        for p in probes:
+            if p["kind"] not in PROBE_KINDS:
+                raise ValueError(f"unknown probe kind {p['kind']!r}; one of {PROBE_KINDS}")
+        if "status" in run_fields and run_fields["status"] not in RUN_STATUSES:
+            raise ValueError(f"unknown run status {run_fields['status']!r}; one of {RUN_STATUSES}")
+        run_fields = {k: _masked(v) if k in ("error", "config") else v for k, v in run_fields.items()}
+        with self.session() as s:
+            for p in probes:
+                s.query(ProbeMetric).filter_by(run_id=run_id, kind=p["kind"], subset=p["subset"]).delete()
+                s.add(ProbeMetric(run_id=run_id, **p))
+            if run_fields:
+                run = self._get(s, run_id)
+                for k, v in run_fields.items():
+                    setattr(run, k, v)
+
+    @_retrying
     def add_artifact(self, run_id: int, kind: str, path: str, sha256: str | None = None,
                      epoch: int | None = None) -> None:
         with self.session() as s:
@@ -676,7 +695,7 @@ class Registry:
                             "seed": r["seed"], "epochs": r["epochs"], "status": r["status"],
                             "tags": r["tags"], "kind": p.kind, "subset": p.subset, "top1": p.top1,
                             "top5": p.top5, "many": p.many, "medium": p.medium, "few": p.few,
-                            "std": p.std, "per_class": p.per_class, "config": p.config,
+                            "std": p.std, "per_class": p.per_class, "config": p.config or {},
                             "created_at": p.created_at})
         return pd.DataFrame(out, columns=cols)
 

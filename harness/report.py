@@ -1,8 +1,9 @@
 """The paper's tables (and a few plots) from the registry's probe scores.
 
 Table 1: linear-probe top-1 per method for full-shot / 100-shot / 50-shot, mean ± std over
-runs, beside the published numbers. Table 2: Many / Medium / Few / Std / All for
-one shot. Everything below `report_command` is a pure function of DataFrames, so the
+runs, beside the published numbers (only for the paper's dataset and splits). Table 2:
+Many / Medium / Few / Std / All for one shot, with the group sizes. Runs are grouped by the
+dataset they trained on (recorded with every run): one set of tables per dataset. Everything below `report_command` is a pure function of DataFrames, so the
 tables are testable without a database. Only runs with status "done" are averaged in.
 
 pandas is imported inside the functions that build frames, so that `harness.cli` (which
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import html
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional, Sequence
 
@@ -121,21 +123,26 @@ def empty_reason(method: str, runs: pd.DataFrame, done: pd.DataFrame) -> str:
 PAPER_SPLITS = {f"split{k}" for k in range(1, 6)}
 
 
-def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame, paper_rows: bool = False) -> pd.DataFrame:
+def table1_frame(runs: pd.DataFrame, probes: pd.DataFrame, paper_rows: bool = False,
+                 paper_dataset: bool = True, paper_splits_only: bool = True) -> pd.DataFrame:
     """Numeric Table 1: per method and shot the mean and std over splits (seeds averaged per split
     first; `<shot>_seed_sd` their spread), n runs and splits, the published number and the difference;
-    `<shot>_note` says why a cell is empty; `runs` the ids of the done runs averaged in."""
+    `<shot>_note` says why a cell is empty; `runs` the ids of the done runs averaged in; `paper_dataset`: the runs are on
+    the paper's CIFAR-100; `paper_splits_only`: the report asked for no other split."""
     import pandas as pd
 
     done, dprobes, _ = done_only(runs, probes)
     scores = run_scores(dprobes)
+    table_on_paper = paper_splits_only and set(done["split"]) <= PAPER_SPLITS
     rows = []
     for m in methods_in_order(list(runs["method"]) + list(probes["method"]), paper_rows):
         row: dict = {"method": m}
         for s in SHOTS:
             a = over_splits(scores[(scores["method"] == m) & (scores["kind"] == s)], "top1")
-            # published numbers are for the paper's CIFAR-100-LT splits; beside other data they mislead
-            on_paper = set(done.loc[done["method"] == m, "split"]) <= PAPER_SPLITS
+            # published numbers are for the paper's CIFAR-100-LT splits; beside other data they mislead.
+            # A method without done runs gets them only in a table of nothing but the paper's setting.
+            splits_m = set(done.loc[done["method"] == m, "split"])
+            on_paper = paper_dataset and (splits_m <= PAPER_SPLITS if splits_m else table_on_paper)
             paper = PUBLISHED.get(m, {}).get(s, float("nan")) if on_paper else float("nan")
             row.update({f"{s}_mean": a["mean"], f"{s}_std": a["std"], f"{s}_n": a["n"],
                         f"{s}_splits": a["splits"], f"{s}_seed_sd": a["seed_sd"], f"{s}_paper": paper,
@@ -188,12 +195,46 @@ def report_notes(runs: pd.DataFrame, probes: pd.DataFrame) -> list[str]:
         notes.append(f"Resumed after a stop: {len(resumed)} of the done runs ("
                      + ", ".join(f"#{i}: {k}x" for i, k in resumed.items()) + "); a resume continues exactly.")
     notes += [f"Deviation from the authors' recipe: {d}." for d in recipe_deviations(runs, probes)]
+    limited = test_limited_runs(dprobes)
+    if limited:
+        notes.append("Scored on part of the test set (--test-limit), averaged in as they are: "
+                     + "; ".join(limited) + ".")
+    failed = eval_failed_runs(runs, probes)
+    if failed:
+        notes.append("Evaluation failed, no scores: " + "; ".join(failed) + ".")
     sc = run_scores(dprobes)
     partial = sc[(sc["kind"] != "full") & (sc["subsets"] < 5)]
     for _, r in partial.iterrows():
         notes.append(f"Run {r['run_id']} ({r['method']}): {r['kind']}-shot averages "
                      f"{r['subsets']} of the 5 subsets.")
     return notes
+
+
+def _config(v) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def test_limited_runs(dprobes: pd.DataFrame) -> list[str]:
+    """'#id (200 of 10000 test images)' for runs whose scores come from a --test-limit evaluation."""
+    if "config" not in dprobes:
+        return []
+    out = {}
+    for _, p in dprobes.iterrows():
+        c = _config(p["config"])
+        if c.get("test_limit"):
+            out.setdefault(p["run_id"], f"#{p['run_id']} ({c.get('test_images')} of "
+                                        f"{c.get('test_images_total')} test images)")
+    return [out[k] for k in sorted(out)]
+
+
+def eval_failed_runs(runs: pd.DataFrame, probes: pd.DataFrame) -> list[str]:
+    """Done runs without scores whose last evaluation failed: '#id (the error)'."""
+    if "error" not in runs:
+        return []
+    scored = set(probes["run_id"])
+    bad = runs[(runs["status"] == "done") & ~runs["id"].isin(scored)
+               & runs["error"].fillna("").astype(str).str.startswith("evaluation failed")]
+    return [f"#{r['id']} ({str(r['error'])[len('evaluation failed: '):][:120]})" for _, r in bad.iterrows()]
 
 
 # -- how the numbers were obtained: deviations, resumes, cost, environment -------------------------
@@ -602,68 +643,196 @@ def render_csv(frame: pd.DataFrame) -> str:
     return buf.getvalue()
 
 
-def table1_title() -> str:
-    return ("Table 1: linear-probe top-1 accuracy (%) on CIFAR-100-LT, mean ± std over splits of done runs "
+def lt_name(label: str) -> str:
+    """'CIFAR-100' -> 'CIFAR-100-LT'; 'cifar100 (not the official CIFAR-100)' -> 'cifar100-LT (not ...)'."""
+    name, sep, rest = label.partition(" (")
+    return f"{name}-LT{sep}{rest}"
+
+
+def table1_title(label: str = "CIFAR-100", paper: bool = True) -> str:
+    published = ("Paper: authors' README (split 1, one run)" if paper else
+                 "no published numbers: the paper reports CIFAR-100-LT on its own splits only")
+    return (f"Table 1: linear-probe top-1 accuracy (%) on {lt_name(label)}, mean ± std over splits of done runs "
             "(a split's seeds averaged first, their spread as 'seeds ±'; few-shot: 5 subsets averaged per run "
-            "first); n: runs; Paper: authors' README (split 1, one run)")
+            f"first); n: runs; {published}")
 
 
-def table2_title(shot: str) -> str:
-    return (f"Table 2: {SHOT_LABEL[shot]} top-1 accuracy (%) by class group of the pretraining split "
-            "(Many 34 / Medium 33 / Few 33 classes), mean ± std over splits of done runs; Std (balance): the "
+def table2_title(shot: str, groups: str = "Many 34 / Medium 33 / Few 33 classes", label: str | None = None) -> str:
+    on = f" on {lt_name(label)}" if label else ""
+    return (f"Table 2: {SHOT_LABEL[shot]} top-1 accuracy (%){on} by class group of the pretraining split "
+            f"({groups}), mean ± std over splits of done runs; Std (balance): the "
             "paper's balancedness measure, the population std of a run's three group accuracies (lower is more "
             "balanced), not a spread over runs")
 
 
-def table3_title() -> str:
-    return "Table 3: cost of the runs (training), per method and in all"
+def table3_title(label: str | None = None) -> str:
+    return "Table 3: cost of the runs (training), per method and in all" + (f", {lt_name(label)}" if label else "")
 
 
-def table4_title() -> str:
-    return "Table 4: environment of the done runs, as each run recorded it at its start and at every resume"
+def table4_title(label: str | None = None) -> str:
+    return ("Table 4: environment of the done runs, as each run recorded it at its start and at every resume"
+            + (f", {lt_name(label)}" if label else ""))
 
 
 TABLES = (1, 2, 3, 4)  # the paper's two tables, cost, environment
 
 
-def table_frame(t: int, runs: pd.DataFrame, probes: pd.DataFrame, shot: str,
-                epochs: pd.DataFrame | None, paper_rows: bool = False) -> pd.DataFrame:
+# -- datasets: every run records the one it trained on ---------------------------------------------
+
+def run_dataset(config) -> tuple[str, str | None, int]:
+    """(name, known dataset, classes) a run trained on; runs from before datasets were recorded
+    could only train on CIFAR-100."""
+    c = _config(config)
+    name = c.get("dataset") if isinstance(c.get("dataset"), str) else None
+    if name is None:
+        return PAPER_DATASET, PAPER_DATASET, 100
+    info = _config(c.get("dataset_info"))
+    classes = info.get("classes") if isinstance(info.get("classes"), int) else 100
+    return name, info.get("known") if isinstance(info.get("known"), str) else None, classes
+
+
+PAPER_DATASET = "cifar100"
+KNOWN_CLASSES = {"cifar100": 100, "cifar10": 10}
+
+
+@dataclass
+class DatasetGroup:
+    name: str
+    known: str | None
+    classes: int
+    runs: pd.DataFrame
+    probes: pd.DataFrame
+
+    @property
+    def label(self) -> str:
+        from harness.data import dataset_label
+        return dataset_label(self.name, self.known)
+
+    @property
+    def is_paper(self) -> bool:
+        return self.name == PAPER_DATASET and self.known == PAPER_DATASET
+
+
+def dataset_groups(runs: pd.DataFrame, probes: pd.DataFrame, dataset: str | None = None) -> list[DatasetGroup]:
+    """The runs (and their probe rows) of each dataset, the paper's first; one empty group when there
+    are no runs (the asked --dataset, else the paper's)."""
+    keys = [run_dataset(c) for c in runs["config"]] if "config" in runs else [run_dataset(None)] * len(runs)
+    if dataset is not None:
+        keep = np.array([k[0] == dataset for k in keys], dtype=bool)
+        runs, keys = runs[keep], [k for k, ok in zip(keys, keep) if ok]
+    if not len(runs):  # an empty table: of the dataset asked for (a known one by its name), or the paper's
+        name = dataset or PAPER_DATASET
+        known = name if name in KNOWN_CLASSES else None
+        return [DatasetGroup(name, known, KNOWN_CLASSES.get(name, 0), runs,
+                             probes[probes["run_id"].isin(runs["id"])])]
+    by: dict[tuple, list] = {}
+    for (name, known, classes), rid in zip(keys, runs["id"]):
+        by.setdefault((name, known), [classes, []])[1].append(rid)
+    order = sorted(by, key=lambda k: (k != (PAPER_DATASET, PAPER_DATASET), k[0], str(k[1])))
+    return [DatasetGroup(k[0], k[1], by[k][0], runs[runs["id"].isin(by[k][1])],
+                         probes[probes["run_id"].isin(by[k][1])]) for k in order]
+
+
+def thirds(classes: int) -> dict[str, int]:
+    return {"many": classes - 2 * (classes // 3), "medium": classes // 3, "few": classes // 3}
+
+
+def group_sizes_text(group: DatasetGroup, shot: str) -> str:
+    """'Many 34 / Medium 33 / Few 33 classes' from what the evaluations recorded (runs from before
+    they did: thirds of the dataset's classes); each variant with its runs when they differ."""
+    done, dprobes, _ = done_only(group.runs, group.probes)
+    sel = dprobes[dprobes["kind"] == shot] if len(dprobes) else dprobes
+    variants: dict[tuple, set] = {}
+    for _, p in sel.iterrows():
+        g = _config(_config(p.get("config")).get("groups"))
+        sizes = _config(g.get("sizes")) or (thirds(group.classes) if g.get("rule", "thirds") == "thirds" else {})
+        if not sizes:
+            continue
+        rule = ((f"Many > {g['many_above']} / Few < {g['few_below']} images",) if g.get("rule") == "counts" else ())
+        variants.setdefault((sizes.get("many"), sizes.get("medium"), sizes.get("few"), *rule), set()).add(p["run_id"])
+    if not variants:
+        if not group.classes:
+            return "Many / Medium / Few: thirds of the classes by count"
+        z = thirds(group.classes)
+        return f"Many {z['many']} / Medium {z['medium']} / Few {z['few']} classes"
+
+    def one(v) -> str:
+        return f"Many {v[0]} / Medium {v[1]} / Few {v[2]} classes" + (f" ({v[3]})" if len(v) > 3 else "")
+    if len(variants) == 1:
+        return one(next(iter(variants)))
+    return "groups differ between runs: " + "; ".join(
+        f"{one(v)} in run{'s' if len(ids) > 1 else ''} {', '.join(str(i) for i in sorted(ids))}"
+        for v, ids in sorted(variants.items(), key=lambda kv: min(kv[1])))
+
+
+def table_frame(t: int, group: DatasetGroup, shot: str, epochs: pd.DataFrame | None,
+                paper_rows: bool = False, paper_splits_only: bool = True) -> pd.DataFrame:
+    runs, probes = group.runs, group.probes
     if t == 1:
-        return table1_frame(runs, probes, paper_rows)
+        return table1_frame(runs, probes, paper_rows and group.is_paper, group.is_paper, paper_splits_only)
     if t == 2:
-        return table2_frame(runs, probes, shot, paper_rows)
+        return table2_frame(runs, probes, shot, paper_rows and group.is_paper)
     if t == 3:
         return cost_frame(runs, epochs)
     return environment_frame(runs)
 
 
-def table_parts(t: int, frame: pd.DataFrame, shot: str, notes: list[str]) -> tuple[str, list[str], list[list[str]], list[str]]:
-    """(title, headers, rows, notes) of table `t` for display."""
+def table_parts(t: int, frame: pd.DataFrame, shot: str, notes: list[str],
+                group: DatasetGroup) -> tuple[str, list[str], list[list[str]], list[str]]:
+    """(title, headers, rows, notes) of table `t` of one dataset for display."""
+    label = None if group.is_paper else group.label
     if t == 1:
-        return (table1_title(), *table1_display(frame), notes)
+        return (table1_title(group.label, group.is_paper), *table1_display(frame), notes)
     if t == 2:
-        return (table2_title(shot), *table2_display(frame), notes)
+        return (table2_title(shot, group_sizes_text(group, shot), label), *table2_display(frame), notes)
     if t == 3:
-        return (table3_title(), *cost_display(frame), cost_notes(frame))
-    return (table4_title(), *environment_display(frame), environment_notes(frame))
+        return (table3_title(label), *cost_display(frame), cost_notes(frame))
+    return (table4_title(label), *environment_display(frame), environment_notes(frame))
+
+
+@dataclass
+class ReportTable:
+    group: DatasetGroup
+    number: int
+    frame: pd.DataFrame
+    parts: tuple  # (title, headers, rows, notes)
+
+
+def report_tables(runs: pd.DataFrame, probes: pd.DataFrame, shot: str = "full", tables: Sequence[int] = (1, 2),
+                  epochs: pd.DataFrame | None = None, paper_rows: bool = False, dataset: str | None = None,
+                  split: str | None = None) -> list[ReportTable]:
+    """The requested tables, one set per dataset (the paper's first). `dataset` and `split` are the
+    report's filters, if any: an empty table still says what it is about."""
+    paper_splits_only = split is None or split in PAPER_SPLITS
+    out = []
+    for g in dataset_groups(runs, probes, dataset):
+        notes = report_notes(g.runs, g.probes)
+        if not g.is_paper and len(g.runs):
+            notes = [n for n in notes if not n.startswith("Runs on splits other than the paper's")]
+        for t in tables:
+            frame = table_frame(t, g, shot, epochs, paper_rows, paper_splits_only)
+            out.append(ReportTable(g, t, frame, table_parts(t, frame, shot, notes, g)))
+    return out
 
 
 def render_report(runs: pd.DataFrame, probes: pd.DataFrame, fmt: str = "term", shot: str = "full",
                   tables: Sequence[int] = (1, 2), epochs: pd.DataFrame | None = None,
-                  paper_rows: bool = False) -> str:
-    """The requested tables in one format (csv: one table, tidy: one header line, then its rows).
-    `epochs` (the registry's epoch frame) gives Table 3 its images/s; `paper_rows`: the paper's four
-    methods have rows even without runs (else only methods with runs)."""
+                  paper_rows: bool = False, dataset: str | None = None, split: str | None = None) -> str:
+    """The requested tables in one format, one set per dataset (csv: one table, tidy: one header
+    line, then its rows; a `dataset` column first when there are several). `epochs` (the registry's
+    epoch frame) gives Table 3 its images/s; `paper_rows`: the paper's four methods have rows even
+    without runs (else only methods with runs)."""
+    import pandas as pd
+
     if fmt == "csv" and len(tables) != 1:
         raise ValueError("a CSV file holds one table")
-    notes = report_notes(runs, probes)
-    parts = []
-    for t in tables:
-        frame = table_frame(t, runs, probes, shot, epochs, paper_rows)
-        if fmt == "csv":
-            parts.append(render_csv(frame))
-            continue
-        parts.append(RENDERERS[fmt](*table_parts(t, frame, shot, notes)))
+    made = report_tables(runs, probes, shot, tables, epochs, paper_rows, dataset, split)
+    if fmt == "csv":
+        several = len({id(r.group) for r in made}) > 1
+        frames = [r.frame.assign(dataset=r.group.label)[["dataset", *r.frame.columns]] if several else r.frame
+                  for r in made]
+        return render_csv(pd.concat(frames, ignore_index=True) if several else frames[0])
+    return "\n".join(RENDERERS[fmt](*r.parts) for r in made)
     return "\n".join(parts)
 
 
@@ -699,26 +868,35 @@ def _pyplot():
     return plt
 
 
-def plot_per_class(points: pd.DataFrame, shot: str, out: Path) -> None:
+def trend_window(classes: int) -> int:
+    """Classes in the running mean: a fifth of them (20 of CIFAR-100's 100, 2 of 10, 200 of 1,000)."""
+    return max(2, round(classes / 5))
+
+
+def plot_per_class(points: pd.DataFrame, shot: str, out: Path, label: str | None = None) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    classes = max(int(points["class"].nunique()), 1)
+    size = float(np.clip(600 / classes, 2, 24))  # 6 at 100 classes; bigger dots for few, smaller for many
     for m in methods_in_order(points["method"].unique()):
         p = points[points["method"] == m].sort_values("count")
         if p.empty:
             continue
-        dots = ax.scatter(p["count"].clip(lower=1), p["acc"], s=6, alpha=0.25)
-        # running mean over 20 neighbouring classes shows the trend through the scatter
-        trend = p["acc"].rolling(20, min_periods=1, center=True).mean()
-        ax.plot(p["count"].clip(lower=1), trend, color=dots.get_facecolor()[0][:3], label=plot_label(method_label(m)))
+        dots = ax.scatter(p["count"].clip(lower=1), p["acc"], s=size, alpha=0.25 if classes > 20 else 0.5)
+        # running mean over neighbouring classes shows the trend through the scatter
+        trend = p["acc"].rolling(trend_window(classes), min_periods=1, center=True).mean()
+        ax.plot(p["count"].clip(lower=1), trend, color=dots.get_facecolor()[0][:3], label=plot_label(method_label(m)),
+                marker="o" if classes <= 20 else None, ms=3)
     ax.set(xscale="log", xlabel="images of the class in the pretraining split",
-           ylabel=f"{SHOT_LABEL[shot]} per-class accuracy (%)", title="Per-class accuracy vs class size")
+           ylabel=f"{SHOT_LABEL[shot]} per-class accuracy (%)",
+           title="Per-class accuracy vs class size" + (f" ({label}, {classes} classes)" if label else ""))
     outside_legend(ax)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
 
-def plot_groups(t2: pd.DataFrame, shot: str, out: Path) -> None:
+def plot_groups(t2: pd.DataFrame, shot: str, out: Path, subtitle: str | None = None) -> None:
     plt = _pyplot()
     t2 = t2[(t2["n"] > 0) & t2["many_mean"].notna()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -729,7 +907,8 @@ def plot_groups(t2: pd.DataFrame, shot: str, out: Path) -> None:
         errs = [0 if np.isnan(r[f"{g}_std"]) else r[f"{g}_std"] for g in ("many", "medium", "few")]
         ax.bar(x + i * width, means, width, yerr=errs, capsize=3, label=plot_label(method_label(r["method"])))
     ax.set_xticks(x + width * (len(t2) - 1) / 2, ["Many", "Medium", "Few"])
-    ax.set(ylabel=f"{SHOT_LABEL[shot]} accuracy (%)", title="Accuracy by class group")
+    ax.set(ylabel=f"{SHOT_LABEL[shot]} accuracy (%)",
+           title="Accuracy by class group" + (f"\n{subtitle}" if subtitle else ""))
     outside_legend(ax)  # inside, it covers the bars
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -837,43 +1016,60 @@ def recorded_class_counts(runs: pd.DataFrame) -> dict[str, np.ndarray]:
 
 
 def class_counts_for(runs: pd.DataFrame, splits: Sequence[str], data_root: Path,
-                     splits_root: Path | None) -> tuple[dict, str]:
+                     splits_root: Path | None, dataset: str = PAPER_DATASET) -> tuple[dict, str]:
     """Class counts of each split: recorded with the runs, else from the data and split files."""
     counts = {k: v for k, v in recorded_class_counts(runs).items() if k in splits}
     missing = [s for s in splits if s not in counts]
     if not missing:
         return counts, ""
-    loaded, msg = load_class_counts(missing, data_root, splits_root)
+    loaded, msg = load_class_counts(missing, data_root, splits_root, dataset)
     return {**counts, **loaded}, msg
 
 
-def load_class_counts(splits: Sequence[str], data_root: Path, splits_root: Path | None) -> tuple[dict, str]:
+def load_class_counts(splits: Sequence[str], data_root: Path, splits_root: Path | None,
+                      dataset: str = PAPER_DATASET) -> tuple[dict, str]:
     """Class counts of each pretraining split, and a message naming what could not be loaded."""
     try:
         from harness import data as data_mod
         from harness import splits as splits_mod
-        labels = data_mod.load_cifar100(data_root).train_labels
+        data = data_mod.load_dataset(data_root, dataset)
+        labels = data.train_labels
     except Exception as e:  # missing module or data: the plot is optional
-        return {}, f"per-class plot skipped: cannot load CIFAR-100 labels ({e})"
+        return {}, f"per-class plot skipped: cannot load the labels of dataset {dataset!r} ({e})"
     counts, missing = {}, []
     for s in splits:
         try:
+            splits_mod.check_belongs(s, data)
             idx = splits_mod.load_split(s, splits_root, num_images=len(labels))
-            counts[s] = np.bincount(labels[idx], minlength=data_mod.NUM_CLASSES)
+            counts[s] = np.bincount(labels[idx], minlength=data.num_classes)
         except Exception as e:
             missing.append(f"{s} ({e})")
     return counts, ("per-class plot: skipped splits " + "; ".join(missing)) if missing else ""
 
 
 def write_plots(registry, runs: pd.DataFrame, probes: pd.DataFrame, shot: str, folder: Path,
-                data_root: Path, splits_root: Path | None) -> list[str]:
-    """PNG files into `folder`; returns one message per file written or skipped."""
+                data_root: Path, splits_root: Path | None, dataset: str | None = None) -> list[str]:
+    """PNG files into `folder`, one set per dataset (named after it when there are several);
+    returns one message per file written or skipped."""
+    groups = dataset_groups(runs, probes, dataset)
+    msgs = []
+    for g in groups:
+        suffix = "" if len(groups) == 1 else f"_{g.name}"
+        msgs += [m if len(groups) == 1 else f"{g.name}: {m}"
+                 for m in _write_dataset_plots(registry, g, shot, folder, data_root, splits_root, suffix)]
+    return msgs
+
+
+def _write_dataset_plots(registry, group: DatasetGroup, shot: str, folder: Path, data_root: Path,
+                         splits_root: Path | None, suffix: str) -> list[str]:
     import pandas as pd
 
+    runs, probes = group.runs, group.probes
     folder.mkdir(parents=True, exist_ok=True)
     done, dprobes, _ = done_only(runs, probes)
     msgs = []
-    counts, msg = class_counts_for(done, sorted(dprobes["split"].unique()), data_root, splits_root)
+    label = None if group.is_paper else group.label
+    counts, msg = class_counts_for(done, sorted(dprobes["split"].unique()), data_root, splits_root, group.name)
     if msg:
         msgs.append(msg)
     points = per_class_points(dprobes, counts, shot)
@@ -886,26 +1082,30 @@ def write_plots(registry, runs: pd.DataFrame, probes: pd.DataFrame, shot: str, f
         else:
             msgs.append("per-class plot skipped: the pretraining splits' class counts could not be loaded")
     else:
-        plot_per_class(points, shot, folder / f"per_class_vs_count_{shot}.png")
-        msgs.append(f"wrote {folder / f'per_class_vs_count_{shot}.png'}")
+        path = folder / f"per_class_vs_count_{shot}{suffix}.png"
+        plot_per_class(points, shot, path, label)
+        msgs.append(f"wrote {path}")
     t2 = table2_frame(runs, probes, shot)
     if len(t2) and (t2["n"] > 0).any() and t2["many_mean"].notna().any():
-        plot_groups(t2, shot, folder / f"groups_{shot}.png")
-        msgs.append(f"wrote {folder / f'groups_{shot}.png'}")
+        path = folder / f"groups_{shot}{suffix}.png"
+        plot_groups(t2, shot, path, label and f"{label}: {group_sizes_text(group, shot)}")
+        msgs.append(f"wrote {path}")
     else:
         msgs.append("group plot skipped: no group scores")
     ep = registry.epoch_frame(list(done["id"])) if len(done) else pd.DataFrame()
     if ep.empty:
         msgs.append("training curves skipped: no epoch metrics for done runs")
     else:
-        plot_training(ep, done, folder / "training_curves.png")
-        msgs.append(f"wrote {folder / 'training_curves.png'}")
+        path = folder / f"training_curves{suffix}.png"
+        plot_training(ep, done, path)
+        msgs.append(f"wrote {path}")
     weights = weight_by_class_points(ep, done)
     if weights.empty:
         msgs.append("BCL weight plot skipped: no done BCL run logged per-class weights")
     else:
-        plot_weight_by_class(weights, folder / "bcl_weight_vs_count.png")
-        msgs.append(f"wrote {folder / 'bcl_weight_vs_count.png'}")
+        path = folder / f"bcl_weight_vs_count{suffix}.png"
+        plot_weight_by_class(weights, path)
+        msgs.append(f"wrote {path}")
     return msgs
 
 
@@ -928,23 +1128,26 @@ def report_command(
     split: Annotated[Optional[str], typer.Option("--split", help="Only runs pretrained on this split.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Only runs with this target epoch count.")] = None,
     tag: Annotated[Optional[str], typer.Option("--tag", help="Only runs carrying this tag.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Only runs on this dataset (default: every "
+                                                   "dataset, one set of tables each).")] = None,
     registry: Annotated[Optional[str], typer.Option(
         "--registry", help="SQLAlchemy URL of the result registry (default: $HARNESS_REGISTRY or "
                            "sqlite:///results/registry.db).")] = None,
-    data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding cifar-100-python/ (class counts "
-                                                                "for the per-class plot).")] = Path("data"),
+    data_root: Annotated[Path, typer.Option("--data-root", help="Folder of the datasets (class counts for the "
+                                                                "per-class plot).")] = Path("data"),
     splits_root: Annotated[Optional[Path], typer.Option(
         "--splits-root", help="Folder of the paper's split files (default: $HARNESS_SPLITS or splits/paper).")] = None,
 ) -> None:
     """Print the paper's tables from the registry's probe scores.
 
-    Table 1: top-1 per shot beside the published numbers. Table 2:
-    Many/Medium/Few/Std/All for one shot (--shot). Table 3: cost (wall
-    time, GPU-hours, images/s). Table 4: the environment the runs recorded.
-    Only runs with status 'done' are averaged in; footnotes count the others
-    and list every deviation from the authors' recipe. Rows: the methods
-    with runs, in the method registry's order (each base method, then its
-    BCL wrappings), by report name.
+    Table 1: top-1 per shot beside the published numbers (for the paper's
+    CIFAR-100 splits only). Table 2: Many/Medium/Few/Std/All for one shot
+    (--shot), with the group sizes. Table 3: cost (wall time, GPU-hours,
+    images/s). Table 4: the environment the runs recorded. One set of tables
+    per dataset. Only runs with status 'done' are averaged in; footnotes
+    count the others and list every deviation from the authors' recipe.
+    Rows: the methods with runs, in the method registry's order (each base
+    method, then its BCL wrappings), by report name.
     """
     from harness.errors import HarnessError
     from harness.registry import Registry
@@ -969,7 +1172,7 @@ def report_command(
 
         checkpoints = {int(i): ck for i in runs["id"] if (ck := reg.latest_checkpoint(int(i)))}
         page, msgs = render_page(runs, probes, epoch_rows, shot, tables, data_root, splits_root, checkpoints,
-                                 source=reg._safe_url())
+                                 source=reg._safe_url(), paper_rows=paper_rows, dataset=dataset, split=split)
         for msg in msgs:
             typer.echo(msg, err=True)
         if out is None:
@@ -979,7 +1182,7 @@ def report_command(
             out.write_text(page, encoding="utf-8")
             typer.echo(f"wrote {out}", err=True)
         if plots is not None:
-            for msg in write_plots(reg, runs, probes, shot, plots, data_root, splits_root):
+            for msg in write_plots(reg, runs, probes, shot, plots, data_root, splits_root, dataset):
                 typer.echo(msg, err=True)
         return
     if fmt == "csv" and len(tables) > 1:  # tidy CSV: one table per file
@@ -990,7 +1193,8 @@ def report_command(
     else:
         targets = [(None, out)]
     for t, path in targets:
-        text = render_report(runs, probes, fmt, shot, (t,) if t else tables, epochs=epoch_rows, paper_rows=paper_rows)
+        text = render_report(runs, probes, fmt, shot, (t,) if t else tables, epochs=epoch_rows, paper_rows=paper_rows,
+                             dataset=dataset, split=split)
         if path is None:
             typer.echo(text, nl=False)
         else:
@@ -998,8 +1202,9 @@ def report_command(
             path.write_text(text)
             typer.echo(f"wrote {path}", err=True)
     if fmt == "csv":  # notes stay out of the machine-readable output
-        for n in report_notes(runs, probes):
-            typer.echo(n, err=True)
+        for g in dataset_groups(runs, probes, dataset):
+            for n in report_notes(g.runs, g.probes):
+                typer.echo(n, err=True)
     if plots is not None:
-        for msg in write_plots(reg, runs, probes, shot, plots, data_root, splits_root):
+        for msg in write_plots(reg, runs, probes, shot, plots, data_root, splits_root, dataset):
             typer.echo(msg, err=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -75,16 +76,20 @@ def table_html(title: str, headers: list[str], rows: list[list[str]], notes: lis
     return "\n".join(out)
 
 
-def tables_html(runs: pd.DataFrame, probes: pd.DataFrame, epochs: pd.DataFrame | None, shot: str,
-                tables: Sequence[int]) -> str:
-    notes = rp.report_notes(runs, probes)
-    shared_at = max((t for t in tables if t in (1, 2)), default=None)  # Tables 1 and 2 share their footnotes
+def tables_html(made: Sequence[rp.ReportTable]) -> str:
+    """The tables, one set per dataset; Tables 1 and 2 of a dataset share their footnotes."""
+    groups = list(dict.fromkeys(id(r.group) for r in made))
     parts = []
-    for t in tables:
-        frame = rp.table_frame(t, runs, probes, shot, epochs)
-        title, headers, rows, tnotes = rp.table_parts(t, frame, shot, notes if t == shared_at else [])
-        text_cols = (0, 1) if t == 4 else (0,)
-        parts.append(table_html(title, headers, rows, tnotes, list(frame["runs"]), f"table{t}", text_cols))
+    for r in made:
+        g = groups.index(id(r.group))
+        mine = [x.number for x in made if x.group is r.group]
+        shared_at = max((t for t in mine if t in (1, 2)), default=None)
+        title, headers, rows, tnotes = r.parts
+        if r.number in (1, 2) and r.number != shared_at:
+            tnotes = []
+        text_cols = (0, 1) if r.number == 4 else (0,)
+        anchor = f"table{r.number}" + (f"-{g + 1}" if g else "")  # ids from positions, never from user names
+        parts.append(table_html(title, headers, rows, tnotes, list(r.frame["runs"]), anchor, text_cols))
     return "\n".join(parts)
 
 
@@ -93,11 +98,29 @@ def figure(uri: str, alt: str, caption: str) -> str:
 
 
 def figures_html(runs: pd.DataFrame, probes: pd.DataFrame, epochs: pd.DataFrame | None, shot: str,
-                 data_root: Path, splits_root: Path | None) -> tuple[str, list[str]]:
+                 data_root: Path, splits_root: Path | None, dataset: str | None = None) -> tuple[str, list[str]]:
+    """The plots of each dataset as <figure>s; a plot that cannot be drawn is a line saying why (also
+    returned)."""
+    groups = rp.dataset_groups(runs, probes, dataset)
+    parts, msgs = [], []
+    for g in groups:
+        if len(groups) > 1:
+            parts.append(f"<h3>{e(rp.lt_name(g.label))}</h3>")
+        html, m = dataset_figures_html(g, epochs, shot, data_root, splits_root)
+        parts.append(html)
+        msgs += [x if len(groups) == 1 else f"{g.name}: {x}" for x in m]
+    return "\n".join(parts), msgs
+
+
+def dataset_figures_html(group: rp.DatasetGroup, epochs: pd.DataFrame | None, shot: str, data_root: Path,
+                         splits_root: Path | None) -> tuple[str, list[str]]:
     """The plots as <figure>s; a plot that cannot be drawn is a line saying why (also returned)."""
+    runs, probes = group.runs, group.probes
+    label = None if group.is_paper else group.label
     done, dprobes, _ = rp.done_only(runs, probes)
     parts, msgs = [], []
-    counts, msg = rp.class_counts_for(done, sorted(dprobes["split"].unique()), data_root, splits_root)
+    counts, msg = rp.class_counts_for(done, sorted(dprobes["split"].unique()), data_root, splits_root,
+                                        group.name)
     points = rp.per_class_points(dprobes, counts, shot)
     if msg:
         msgs.append(msg)
@@ -105,12 +128,12 @@ def figures_html(runs: pd.DataFrame, probes: pd.DataFrame, epochs: pd.DataFrame 
         if not msg:
             msgs.append(f"per-class plot skipped: no done run has {rp.SHOT_LABEL[shot].lower()} per-class scores")
     else:
-        parts.append(figure(data_uri(rp.plot_per_class, points, shot), "per-class accuracy vs class size",
+        parts.append(figure(data_uri(partial(rp.plot_per_class, label=label), points, shot), "per-class accuracy vs class size",
                             f"{rp.SHOT_LABEL[shot]} per-class accuracy of every done run against the class's "
                             "images in its pretraining split (dots), with a running mean per method."))
     t2 = rp.table2_frame(runs, probes, shot)
     if (t2["n"] > 0).any() and t2["many_mean"].notna().any():
-        parts.append(figure(data_uri(rp.plot_groups, t2, shot), "accuracy by class group",
+        parts.append(figure(data_uri(partial(rp.plot_groups, subtitle=label and f"{label}: {rp.group_sizes_text(group, shot)}"), t2, shot), "accuracy by class group",
                             "Many / Medium / Few accuracy per method (error bars: std over splits)."))
     else:
         msgs.append("group plot skipped: no group scores")
@@ -208,9 +231,11 @@ def run_section(run, probes: pd.DataFrame, checkpoint: dict | None) -> str:
 
 def render_page(runs: pd.DataFrame, probes: pd.DataFrame, epochs: pd.DataFrame | None, shot: str = "full",
                 tables: Sequence[int] = rp.TABLES, data_root: Path = Path("data"), splits_root: Path | None = None,
-                checkpoints: dict[int, dict] | None = None, source: str = "") -> tuple[str, list[str]]:
+                checkpoints: dict[int, dict] | None = None, source: str = "", paper_rows: bool = False,
+                dataset: str | None = None, split: str | None = None) -> tuple[str, list[str]]:
     """The whole page, and one message per plot that was skipped."""
-    figures, msgs = figures_html(runs, probes, epochs, shot, data_root, splits_root)
+    figures, msgs = figures_html(runs, probes, epochs, shot, data_root, splits_root, dataset)
+    made = rp.report_tables(runs, probes, shot, tables, epochs, paper_rows, dataset, split)
     checkpoints = checkpoints or {}
     sections = [run_section(r, probes, checkpoints.get(int(r["id"]))) for _, r in runs.iterrows()]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -224,7 +249,7 @@ def render_page(runs: pd.DataFrame, probes: pd.DataFrame, epochs: pd.DataFrame |
         f"<p>Generated {e(when)}{' from ' + e(source) if source else ''}: {len(runs)} run(s) in the registry "
         "selection. Every Runs cell links to the runs' own sections below.</p>",
         '<nav><a href="#tables">Tables</a> · <a href="#plots">Plots</a> · <a href="#runs">Runs</a></nav>',
-        '<h2 id="tables">Tables</h2>', tables_html(runs, probes, epochs, shot, tables),
+        '<h2 id="tables">Tables</h2>', tables_html(made),
         '<h2 id="plots">Plots</h2>', figures,
         '<h2 id="runs">Runs</h2>', *(sections or ["<p>No runs.</p>"]),
         "</body>", "</html>", "",

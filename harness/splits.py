@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.data import NUM_CLASSES, sha256_file
+from harness.data import PAPER_DATASET, sha256_file
 from harness.errors import HarnessError
 from harness.safeio import check_readable, load_npy
 
@@ -43,6 +43,8 @@ class SplitEntry:
     role: str
     url: str = ""
     description: str = ""
+    dataset: str = PAPER_DATASET  # whose train set the indices point into (older manifests: CIFAR-100's)
+    dataset_digest: str = ""      # Dataset.digest() of the data it was drawn from ("" for the paper's)
 
 
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
@@ -70,7 +72,8 @@ def _read_manifest(path: Path) -> list[SplitEntry]:
         return []
     raw = json.loads(path.read_text())
     return [SplitEntry(e["name"], e["file"], int(e["length"]), e["sha256"], e["role"], e.get("url", ""),
-                       e.get("description", "")) for e in raw["splits"]]
+                       e.get("description", ""), e.get("dataset") or PAPER_DATASET, e.get("dataset_digest", ""))
+            for e in raw["splits"]]
 
 
 def paper_entries() -> list[SplitEntry]:
@@ -91,6 +94,28 @@ def entry(name: str) -> tuple[SplitEntry, bool]:
             return e, False
     known = ", ".join(e.name for e in paper_entries() + generated_entries())
     raise SplitError(f"unknown split {name!r}; known: {known}")
+
+
+def split_dataset(name: str) -> str | None:
+    """The dataset a named split belongs to (None for a bare .npy file, which does not say)."""
+    if name.endswith(".npy"):
+        return None
+    return entry(name)[0].dataset
+
+
+def check_belongs(name: str, data) -> None:
+    """Refuse split `name` for dataset `data` when it was drawn from another dataset (or from other
+    contents under the same name); a bare .npy file is only range-checked."""
+    if name.endswith(".npy"):
+        return
+    e, _ = entry(name)
+    if e.dataset != data.name:
+        raise SplitError(f"split {name!r} belongs to dataset {e.dataset!r}, not {data.name!r}: use a split made "
+                         f"from {data.name!r} (`harness splits make NAME --dataset {data.name}`)")
+    if e.dataset_digest and e.dataset_digest != data.digest():
+        raise SplitError(f"split {name!r} was drawn from other contents of dataset {data.name!r} (sha256 "
+                         f"{e.dataset_digest[:12]}…, the data now is {data.digest()[:12]}…): prepare the same "
+                         "data again, or make the split again with --force")
 
 
 def validate_indices(idx: np.ndarray, num_images: int | None, what: str) -> np.ndarray:
@@ -226,8 +251,13 @@ def verify(root: Path | None = None) -> list[tuple[str, str]]:
 
 # -- inspecting and generating -----------------------------------------------------------
 
-def class_counts(idx: np.ndarray, labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    return np.bincount(labels[idx], minlength=num_classes)
+def _classes(labels: np.ndarray, num_classes: int | None) -> int:
+    """The dataset's class count when given (callers with a dataset always give it), else the labels'."""
+    return int(num_classes) if num_classes is not None else int(labels.max()) + 1 if len(labels) else 0
+
+
+def class_counts(idx: np.ndarray, labels: np.ndarray, num_classes: int | None = None) -> np.ndarray:
+    return np.bincount(labels[idx], minlength=_classes(labels, num_classes))
 
 
 def imbalance_ratio(counts: np.ndarray) -> float:
@@ -242,10 +272,11 @@ def long_tail_profile(num_classes: int, max_per_class: int, ratio: float) -> np.
 
 
 def make_long_tailed(labels: np.ndarray, max_per_class: int = 450, ratio: float = 100.0, seed: int = 0,
-                     exclude: np.ndarray | None = None, num_classes: int = NUM_CLASSES) -> np.ndarray:
+                     exclude: np.ndarray | None = None, num_classes: int | None = None) -> np.ndarray:
     """Draw a long-tailed subset: a seeded random class order gets the exponential profile,
     and each class's images are drawn without replacement from those not excluded."""
     rng = np.random.default_rng(seed)
+    num_classes = _classes(labels, num_classes)
     counts = long_tail_profile(num_classes, max_per_class, ratio)
     order = rng.permutation(num_classes)
     pool = np.ones(len(labels), bool)
@@ -261,9 +292,10 @@ def make_long_tailed(labels: np.ndarray, max_per_class: int = 450, ratio: float 
 
 
 def make_k_shot(labels: np.ndarray, k: int, seed: int = 0, pool: np.ndarray | None = None,
-                num_classes: int = NUM_CLASSES) -> np.ndarray:
+                num_classes: int | None = None) -> np.ndarray:
     """k images per class drawn from `pool` (default: all images)."""
     rng = np.random.default_rng(seed)
+    num_classes = _classes(labels, num_classes)
     pool = np.arange(len(labels)) if pool is None else pool
     picked = []
     for c in range(num_classes):
@@ -275,7 +307,7 @@ def make_k_shot(labels: np.ndarray, k: int, seed: int = 0, pool: np.ndarray | No
 
 
 def save_generated(name: str, idx: np.ndarray, role: str, description: str,
-                   folder: Path | None = None) -> SplitEntry:
+                   folder: Path | None = None, dataset: str = PAPER_DATASET, dataset_digest: str = "") -> SplitEntry:
     """Write a generated split and record it (name, length, sha256, role) in its manifest."""
     check_split_name(name)
     if role not in ROLES and not re.fullmatch(r"probe-\d+", role):
@@ -286,7 +318,7 @@ def save_generated(name: str, idx: np.ndarray, role: str, description: str,
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.npy"
     _write_atomically(path, lambda f: np.save(f, idx.astype(np.int64)))
-    e = SplitEntry(name, path.name, len(idx), sha256_file(path), role, "", description)
+    e = SplitEntry(name, path.name, len(idx), sha256_file(path), role, "", description, dataset, dataset_digest)
     entries = [x for x in generated_entries(folder) if x.name != name] + [e]
     manifest = {"format": "1-D int64 .npy arrays of positions in a dataset's train set",
                 "splits": [x.__dict__ for x in entries]}

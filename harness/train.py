@@ -30,12 +30,12 @@ import torch
 from torch.profiler import record_function
 
 from harness.errors import HarnessError, describe_os_error
-from harness.data import NUM_CLASSES, load_cifar100, sha256_array, sha256_file
+from harness.data import load_dataset, sha256_array, sha256_file
 from harness.registry import (Heartbeat, Registry, RegistryError, RegistryUnreachable, check_tags, new_owner,
                               utcnow)
 from harness.safeio import check_readable, load_torch
 from harness.signals import STOP_SIGNALS
-from harness.splits import load_split
+from harness.splits import check_belongs, load_split, split_dataset
 from methods import registry as methods_registry
 from methods.base import BIG, MethodConfig, build_method, stray_parameters, trained_parameters
 from methods.registry import MethodError
@@ -62,6 +62,7 @@ class TrainConfig:
     """Loop settings; the method's hyper-parameters live in `method` (paper defaults)."""
     method: MethodConfig
     split: str = "split1"
+    dataset: str | None = None        # the split's own dataset when None (paper splits: cifar100); set at start
     data_root: str = "data"
     splits_root: str | None = None
     subset: int | None = None         # train on this many images of the split (a seeded draw): quick tries
@@ -241,10 +242,21 @@ def subset_of(idx: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(idx, size=n, replace=False))
 
 
+def dataset_of(cfg: TrainConfig) -> str:
+    """The dataset a run trains on: the one asked for, else the one its split records."""
+    if cfg.dataset:
+        return cfg.dataset
+    try:
+        return split_dataset(cfg.split) or "cifar100"
+    except HarnessError:  # an unknown split: said when it is loaded, after the data
+        return "cifar100"
+
+
 def load_pretraining_images(cfg: TrainConfig, device: torch.device):
     """The split's uint8 images on the device (9,754 images are 30 MB), their labels, the dataset
     and the indices (after --subset)."""
-    data = load_cifar100(Path(cfg.data_root))
+    data = load_dataset(Path(cfg.data_root), dataset_of(cfg))
+    check_belongs(cfg.split, data)
     idx = load_split(cfg.split, Path(cfg.splits_root) if cfg.splits_root else None,
                      num_images=len(data.train_labels))
     idx = subset_of(idx, cfg.subset, cfg.method.seed)
@@ -256,7 +268,7 @@ def load_pretraining_images(cfg: TrainConfig, device: torch.device):
 
 @torch.no_grad()
 def knn_monitor(net, bank_images, bank_labels, query_images, query_labels, precision, k: int = 20,
-                batch: int = 1024) -> float:
+                batch: int = 1024, *, num_classes: int) -> float:
     """Weighted kNN top-1 (%) of test images against the pretraining split, dense branch.
     Cheap (one forward over ~12k images); never the 500-epoch probe."""
     was_training = net.training
@@ -273,7 +285,7 @@ def knn_monitor(net, bank_images, bank_labels, query_images, query_labels, preci
 
     fb, fq = feats(bank_images), feats(query_images)
     sim, nn_idx = (fq @ fb.T).topk(min(k, len(fb)), dim=1)
-    votes = torch.zeros(len(fq), 100, device=device)
+    votes = torch.zeros(len(fq), num_classes, device=device)
     votes.scatter_add_(1, bank_labels[nn_idx], (sim / 0.07).exp())
     acc = (votes.argmax(1) == query_labels).float().mean().item() * 100
     net.train(was_training)
@@ -452,13 +464,15 @@ class Trainer:
         mc = cfg.method
 
         self.images, labels, data, self.split_indices = load_pretraining_images(cfg, self.device)
+        self.cfg = cfg = dataclasses.replace(cfg, dataset=data.name)  # recorded, and compared on resume
+        self.num_classes = data.num_classes
         self.n = len(self.images)
         if self.n == 0:
             raise TrainError(f"split {cfg.split!r} has no images: nothing to train on")
         self.split_sha256 = sha256_array(self.split_indices)
         self.labels = torch.from_numpy(labels).to(self.device)
         # images per class of what this run trains on: the x axis of the report's per-class plots
-        self.class_counts = np.bincount(labels, minlength=NUM_CLASSES)
+        self.class_counts = np.bincount(labels, minlength=self.num_classes)
         self.test_images = torch.from_numpy(data.test_images[:cfg.monitor_size]).to(self.device)
         self.test_labels = torch.from_numpy(data.test_labels[:cfg.monitor_size]).to(self.device)
         self.steps_per_epoch = math.ceil(self.n / mc.batch_size)  # the last partial batch is kept
@@ -504,7 +518,8 @@ class Trainer:
             dev_name, versions, rev = environment(self.device, self.precision)
             self.run_id = registry.create_run(mc.name, cfg.split, mc.seed, mc.epochs,
                                               {**cfg.to_dict(), "split_sha256": self.split_sha256,
-                                               "class_counts": self.class_counts.tolist()},
+                                               "class_counts": self.class_counts.tolist(),
+                                               "dataset_info": data.identity()},
                                               tags=cfg.tags, device=dev_name, versions=versions,
                                               git_rev=rev, status="running", owner=self.owner)
             self._held = self.run_id
@@ -811,7 +826,7 @@ class Trainer:
                 metrics["weight_by_class"] = by_class
         if self.cfg.monitor_every and (epoch % self.cfg.monitor_every == 0 or epoch == mc.epochs):
             metrics["knn_top1"] = knn_monitor(self.method.probed_network(), self.images, self.labels, self.test_images,
-                                              self.test_labels, self.precision)
+                                              self.test_labels, self.precision, num_classes=self.num_classes)
         # the epoch is over in the state first: a checkpoint taken if the registry is unreachable
         # resumes after it and keeps its row (`unlogged`) for the registry
         self.epoch, self.step_in_epoch, self.perm = epoch + 1, 0, None

@@ -1,4 +1,5 @@
-"""ResNet-18 for 32x32 inputs plus the SimCLR projection head (SPEC section 3).
+"""ResNet-18 for 32x32 inputs (the paper's; any square size works: the pool is adaptive) plus the
+SimCLR projection head (SPEC section 3).
 
 One network class serves all four methods. With ``two_branch=True`` (SDCLR, BCL-D)
 every conv becomes a :class:`MaskedConv2d` and every BN a :class:`BranchBatchNorm`,
@@ -163,12 +164,12 @@ class ContrastiveNet(nn.Module):
             raise ValueError(f"branch {branch!r} not available (two_branch={self.two_branch})")
 
     def features(self, x: Tensor, branch: str = "dense") -> Tensor:
-        """x: float images in [0, 1], (B, 3, 32, 32) -> (B, 8 x width): (B, 512) at the paper's width."""
+        """x: float images in [0, 1], (B, 3, S, S) -> (B, 8 x width): (B, 512) at the paper's width."""
         self._check(branch)
         return self.backbone(x, branch)
 
     def forward(self, x: Tensor, branch: str = "dense") -> Tensor:
-        """x: float images in [0, 1], (B, 3, 32, 32) -> (B, 128) projections (not normalised)."""
+        """x: float images in [0, 1], (B, 3, S, S) -> (B, 128) projections (not normalised)."""
         self._check(branch)
         return self.head(self.backbone(x, branch), branch)
 

@@ -70,8 +70,9 @@ def test_missing_folder(tmp_path):
 
 def test_failed_import_leaves_nothing_behind(tmp_path, synthetic_root):
     dest = tmp_path / "dest"
-    # synthetic data is too small for --from, which demands the official sizes
-    with pytest.raises(data.DataError, match="expected 50000"):
+    # a subset imports (issue 11); labels beyond CIFAR-100's 100 classes do not
+    _rewrite(synthetic_root, "test", fine_labels=[100] * 300)
+    with pytest.raises(data.DataError, match="labels out of range"):
         data.import_folder(synthetic_root / "cifar-100-python", dest)
     assert not (dest / "cifar-100-python").exists()
     assert not dest.exists() or not any(dest.iterdir())

@@ -10,9 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.probe import (
-    FEATURE_DIM, NUM_CLASSES, ProbeConfig, ProbeSpec, batches_per_epoch, class_groups, extract_features,
+    FEATURE_DIM, ProbeConfig, ProbeSpec, batches_per_epoch, class_groups, extract_features,
     group_metrics, init_linear, lr_schedule, probe_generator, run_probes, score_probe, train_probes,
 )
+
+NUM_CLASSES = 100  # CIFAR-100's: these tests probe the paper's setting
 
 
 def test_lr_schedule_protocol():
@@ -44,7 +46,7 @@ def test_batches_per_epoch_keeps_last_partial(n, expected):
 def test_init_is_pytorch_default():
     torch.manual_seed(123)
     ref = nn.Linear(FEATURE_DIM, NUM_CLASSES)
-    w, b = init_linear(torch.Generator().manual_seed(123))
+    w, b = init_linear(torch.Generator().manual_seed(123), dim_out=NUM_CLASSES)
     assert torch.equal(w, ref.weight.data) and torch.equal(b, ref.bias.data)
 
 
@@ -95,7 +97,7 @@ def reference_probe(feats, labels, subset, seed, cfg):
     """The protocol written the obvious way, with torch's own optimizer and scheduler."""
     g = probe_generator(seed, feats.device)
     lin = nn.Linear(FEATURE_DIM, NUM_CLASSES).to(feats.device, feats.dtype)
-    w, b = init_linear(g, feats.device)
+    w, b = init_linear(g, feats.device, dim_out=NUM_CLASSES)
     with torch.no_grad():
         lin.weight.copy_(w)
         lin.bias.copy_(b)
