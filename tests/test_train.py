@@ -48,7 +48,7 @@ def test_two_epochs_end_to_end(tiny, tmp_path, method):
     assert "knn_top1" in epochs[-1]["extra"]
     # what the report's tables and plots read: class counts, the precision used, when each row was logged
     counts = np.asarray(run["config"]["class_counts"])
-    assert counts.shape == (data.NUM_CLASSES,) and counts.sum() == 48
+    assert counts.shape == (data.CIFAR100_CLASSES,) and counts.sum() == 48
     assert run["versions"]["precision"] == "fp32" and "container_image" in run["versions"]
     assert all(e["logged_at"] is not None for e in epochs) and epochs[0]["logged_at"] <= epochs[1]["logged_at"]
     if method.startswith("bcl"):
