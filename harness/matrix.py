@@ -154,6 +154,33 @@ def cells_of(s: MatrixSettings) -> list[Cell]:
     return [Cell(m, sp, seed) for sp in s.splits for m in s.methods for seed in s.seeds]
 
 
+def cell_recipe(cell: Cell, s: MatrixSettings) -> dict:
+    """The method recipe this matrix trains `cell` with (the paper's, with its --epochs, --batch-size,
+    --width and --set changes): a run of the cell counts only if it followed this recipe."""
+    from harness.train import make_config
+
+    mc = make_config(cell.method, cell.split, options=s.options_for(cell.method), epochs=s.epochs,
+                     batch_size=s.batch_size, width=s.width, seed=cell.seed).method
+    return {k: v for k, v in mc.to_dict().items() if k != "name"}
+
+
+def same_recipe(run: dict, recipe: dict) -> bool:
+    """Whether `run` trained with `recipe`. A field its config lacks (runs from before the field
+    existed) had the default then, which is what the recipe has unless this matrix changes it."""
+    recorded = (run.get("config") or {}).get("method")
+    if not isinstance(recorded, dict):
+        return True  # nothing recorded to compare: the registry's own key (method, split, seed, epochs)
+    return all(recorded.get(k, v) == v for k, v in recipe.items())
+
+
+def cell_runs(reg: Registry, cell: Cell, s: MatrixSettings) -> list[dict]:
+    """The cell's runs that follow this matrix's recipe, oldest first: another --set or --width is
+    another experiment, never this cell's "done"."""
+    runs = reg.list_runs(method=cell.method, split=cell.split, seed=cell.seed, epochs=s.target_epochs(cell.method))
+    recipe = cell_recipe(cell, s)
+    return [r for r in runs if same_recipe(r, recipe)]
+
+
 def _leased(run: dict) -> bool:
     return bool(run.get("owner")) and run.get("lease_until") is not None and run["lease_until"] >= utcnow()
 
@@ -161,7 +188,7 @@ def _leased(run: dict) -> bool:
 def plan_cell(reg: Registry, cell: Cell, s: MatrixSettings, owner: str | None = None) -> tuple[str, int | None]:
     """(action, run id): skip, eval (done, scores missing), resume, train (new run), or
     "running elsewhere" (claimed by, or its run leased to, a live process other than `owner`)."""
-    runs = reg.list_runs(method=cell.method, split=cell.split, seed=cell.seed, epochs=s.target_epochs(cell.method))
+    runs = cell_runs(reg, cell, s)
     holder = reg.cell_holder(cell.method, cell.split, cell.seed, s.target_epochs(cell.method))
     busy = [r for r in runs if r["status"] != "done" and _leased(r) and r["owner"] != owner]
     if (holder is not None and holder["owner"] != owner) or busy:
@@ -276,7 +303,7 @@ def epochs_trained(reg: Registry, cells: list[Cell], s: MatrixSettings) -> int:
     """Epochs done so far by the latest run of each cell (the registry is what the workers update)."""
     total = 0
     for c in cells:
-        runs = reg.list_runs(method=c.method, split=c.split, seed=c.seed, epochs=s.target_epochs(c.method))
+        runs = cell_runs(reg, c, s)
         total += (runs[-1]["epochs_done"] or 0) if runs else 0
     return total
 
@@ -383,15 +410,14 @@ def run_matrix(s: MatrixSettings, log=print, progress: bool = True, poll_s: floa
 
 
 def cell_status(reg: Registry, cell: Cell, s: MatrixSettings) -> str | None:
-    runs = reg.list_runs(method=cell.method, split=cell.split, seed=cell.seed, epochs=s.target_epochs(cell.method))
+    runs = cell_runs(reg, cell, s)
     return runs[-1]["status"] if runs else None
 
 
 def summary_rows(reg: Registry, results: list[CellResult], s: MatrixSettings) -> list[dict]:
     rows = []
     for r in results:
-        runs = reg.list_runs(method=r.cell.method, split=r.cell.split, seed=r.cell.seed,
-                             epochs=s.target_epochs(r.cell.method))
+        runs = cell_runs(reg, r.cell, s)
         run = runs[-1] if runs else None
         probes = {(p["kind"], p["subset"]): p["top1"] for p in reg.probes(run["id"])} if run else {}
         few = lambda k: [v for (kind, _), v in probes.items() if kind == k]

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.errors import HarnessError, mask_secrets
-from harness.matrix import ELSEWHERE, Cell, MatrixSettings, cell_status, cells_of, plan_cell, run_cell
+from harness.matrix import ELSEWHERE, Cell, MatrixSettings, cell_runs, cell_status, cells_of, plan_cell, run_cell
 from harness.registry import Registry, RegistryError, resolve_url
 
 SQLITE_RISK = ("SQLite on a cluster relies on file locking over the shared file system, which NFS and "
@@ -241,7 +241,7 @@ class CellJob(_Checkpointable):
         try:  # link the job from the cell's run in the registry
             reg = Registry(self.s.registry)
             c = self.cell
-            runs = reg.list_runs(method=c.method, split=c.split, seed=c.seed, epochs=self.s.target_epochs(c.method))
+            runs = cell_runs(reg, c, self.s)
             if not runs:
                 return
             run = runs[-1]

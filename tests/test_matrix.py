@@ -61,8 +61,13 @@ def test_matrix_resumes_skips_and_isolates_failures(world):
     # second pass: the done cells are skipped
     assert plan_cell(reg, Cell("simclr", "tiny", 10), s)[0] == "skip"
     res = CliRunner().invoke(app, ["run", "--dry-run", "--methods", "simclr,bcl-d", "--splits", "tiny",
-                                   "--epochs", "1", "--shots", "full", "--registry", s.registry])
+                                   "--epochs", "1", "--batch-size", "16", "--width", "8", "--shots", "full",
+                                   "--registry", s.registry])
     assert res.exit_code == 0 and res.output.count("skip") == 2
+    # the paper's width is another experiment: nothing of it is done yet
+    res = CliRunner().invoke(app, ["run", "--dry-run", "--methods", "simclr,bcl-d", "--splits", "tiny",
+                                   "--epochs", "1", "--batch-size", "16", "--shots", "full", "--registry", s.registry])
+    assert res.exit_code == 0 and res.output.count("  train  ") == 2
 
 
 def test_cli_reports_failed_cells(world):
@@ -73,3 +78,21 @@ def test_cli_reports_failed_cells(world):
     assert res.exit_code == 1 and "1 of 1 cells failed: simclr/missing/seed10" in res.output
     res = CliRunner().invoke(app, ["run", "--methods", "byol", "--dry-run", "--registry", s.registry])
     assert res.exit_code == 1 and "unknown method" in res.output
+
+
+def test_a_run_with_another_recipe_is_not_the_cells_done_run(tmp_path):
+    """--width and --set change the experiment: a done run made with other values is not this matrix's
+    cell (it would be skipped and reported as the paper's), while the matching one is."""
+    reg = Registry(f"sqlite:///{tmp_path}/r.db")
+    cell = Cell("bcl-d", "split1", 10)
+    paper = make_config("bcl-d", "split1", epochs=3).method.to_dict()
+    other = make_config("bcl-d", "split1", epochs=3, width=8, options=["bcl_beta=0.5"]).method.to_dict()
+    rid = reg.create_run("bcl-d", "split1", 10, 3, {"method": other}, status="done")
+    assert plan_cell(reg, cell, MatrixSettings(epochs=3, evaluate=False)) == ("train", None)
+    assert plan_cell(reg, cell, MatrixSettings(epochs=3, width=8, evaluate=False)) == ("train", None)
+    matching = MatrixSettings(epochs=3, width=8, options=("bcl_beta=0.5",), evaluate=False)
+    assert plan_cell(reg, cell, matching) == ("skip", rid)
+    # a run from before configs were per method: fields it lacks had the defaults, extra ones are ignored
+    flat = {k: v for k, v in paper.items() if k != "bcl_beta"} | {"projection_dim": 2048}
+    old = reg.create_run("bcl-d", "split1", 10, 3, {"method": flat}, status="done")
+    assert plan_cell(reg, cell, MatrixSettings(epochs=3, evaluate=False)) == ("skip", old)
