@@ -12,7 +12,6 @@ class that train lacks); nothing is installed unless the whole dataset is valid.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from harness import data as data_mod
-from harness.data import DataError
+from harness.data import DataError, file_digest
 
 FORMATS = ("auto", "cifar100", "cifar10", "images")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -100,14 +99,6 @@ def prepare_from(src: Path, root: Path, fmt: str = "auto", name: str | None = No
 
 # -- CIFAR-10 python pickles --------------------------------------------------------------------
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cifar10_batches(folder: Path) -> list[Path]:
     """data_batch_1..N in order, N >= 1, without gaps (a subset of the five is fine)."""
     batches = []
@@ -140,7 +131,7 @@ def import_cifar10(folder: Path, root: Path, name: str = "cifar10", log: Log = N
     arrays = {"train_images": np.concatenate([x for x, _ in parts]),
               "train_labels": np.concatenate([y for _, y in parts]), "test_images": test_x, "test_labels": test_y}
     files = [*(b.name for b in batches), "test_batch", "batches.meta"]
-    official = all((folder / f).is_file() and _md5(folder / f) == CIFAR10_MD5.get(f) for f in files) \
+    official = all((folder / f).is_file() and file_digest(folder / f, "md5") == CIFAR10_MD5.get(f) for f in files) \
         and len(batches) == 5
     source = {"format": "cifar10", "path": str(folder), "batches": len(batches),
               "official_files": official}
