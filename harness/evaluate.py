@@ -236,9 +236,17 @@ def plan_evaluation(split: str | None, data_root: Path, splits_root: Path | None
     lists = probe_lists(shots, family)
     n_train = len(data.train_labels)
     indices = []
-    for _, _, list_name in lists:
-        splits_mod.check_belongs(list_name, data)
-        idx = splits_mod.load_split(list_name, splits_root, num_images=n_train)
+    for kind, _, list_name in lists:
+        try:
+            splits_mod.check_belongs(list_name, data)
+            idx = splits_mod.load_split(list_name, splits_root, num_images=n_train)
+        except splits_mod.SplitError as e:
+            if not str(e).startswith("unknown split"):
+                raise
+            what = "full-shot" if kind == "full" else f"{kind}-shot"
+            raise EvalError(f"the {what} probes need the list {list_name!r}, which does not exist: leave "
+                            f"{kind} out of --shots (e.g. --shots full), or make the lists (`harness splits "
+                            f"make {family or 'NAME'} --shots {kind if kind != 'full' else '100,50'} ...`)") from None
         if len(idx) == 0:
             raise EvalError(f"probe list {list_name!r} is empty: nothing to train that probe on")
         indices.append(idx)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from harness.errors import HarnessError, mask_secrets
+from harness.errors import HarnessError, mask_secrets, user_message
 from harness.registry import Heartbeat, Registry, RegistryError, new_owner, utcnow
 from harness.signals import STOP_SIGNALS, stop_exit_code
 
@@ -285,6 +285,9 @@ def _cell_process(cell: Cell, s: MatrixSettings, device: str, parent_pid: int | 
             raise SystemExit(ELSEWHERE_EXIT)
     except SystemExit:
         raise
+    except HarnessError as e:  # the user's to fix (a missing probe list, bad data): one line, no traceback
+        print(f"cell {cell.label()}: error: {user_message(e)}", file=sys.stderr)
+        raise SystemExit(1)
     except BaseException:
         print(mask_secrets(traceback.format_exc()), end="", file=sys.stderr)
         raise SystemExit(1)

@@ -346,7 +346,8 @@ def test_eval_that_cannot_run_fails_before_the_compute(trained, monkeypatch):
     assert "--groups 'thirds,2'" in one_error(invoke(*ev, "--groups", "thirds,2", ok=False))
     assert "--test-limit 0: must be at least 1" in one_error(invoke(*ev, "--test-limit", 0, ok=False))
     res = invoke("eval", 1, "--data-root", tmp_path / "data", "--registry", url, ok=False)  # 100-shot lists
-    assert "unknown split 'six_lt_100shot_1'" in one_error(res)
+    assert "the 100-shot probes need the list 'six_lt_100shot_1', which does not exist: leave 100 out of " \
+           "--shots (e.g. --shots full)" in one_error(res)
     assert "--dataset is for --checkpoint files" in one_error(invoke(*ev, "--dataset", "six", ok=False))
     run = Registry(url).get_run(1)
     assert run["error"] is None and not Registry(url).probes(1)  # nothing was attempted, nothing recorded
