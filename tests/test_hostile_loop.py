@@ -290,8 +290,8 @@ def test_dry_run_shows_the_epochs_that_would_really_run(matrix_world):
                     checkpoint_dir=str(w["tmp"] / "ck"), max_steps=4)  # one epoch and a bit
     part = train(c, reg, progress=False)
     assert part["epochs_done"] == 1
-    r = invoke("run", "--methods", "simclr,sdclr", "--splits", "mx", "--epochs", 3, "--registry", w["url"],
-               "--dry-run")
+    r = invoke("run", "--methods", "simclr,sdclr", "--splits", "mx", "--epochs", 3, "--batch-size", 16, "--width", 4,
+               "--registry", w["url"], "--dry-run")
     assert r.exit_code == 0
     lines = {ln.split()[0]: ln.split() for ln in r.output.splitlines()[2:]}
     assert lines["simclr/mx/seed10"][1:] == ["resume", "1", "2"]
