@@ -636,10 +636,22 @@ def render_html(title: str, headers: list[str], rows: list[list[str]], notes: li
 RENDERERS = {"term": render_term, "markdown": render_markdown, "latex": render_latex, "html": render_html}
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(v):
+    """A text cell that a spreadsheet would run as a formula (=, +, -, @ first) gets a leading quote;
+    numbers stay numbers."""
+    return "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v
+
+
 def render_csv(frame: pd.DataFrame) -> str:
-    """Machine-readable numbers (not display strings); empty fields for missing values."""
+    """Machine-readable numbers (not display strings); empty fields for missing values; no text cell
+    that a spreadsheet would evaluate."""
     buf = io.StringIO()
-    frame.to_csv(buf, index=False, float_format="%.4f", lineterminator="\n")
+    text = [c for c in frame.columns if frame[c].dtype.kind not in "biufc"]  # not numbers or booleans
+    safe = frame.assign(**{c: frame[c].map(csv_cell) for c in text})
+    safe.to_csv(buf, index=False, float_format="%.4f", lineterminator="\n")
     return buf.getvalue()
 
 

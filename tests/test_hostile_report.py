@@ -124,3 +124,16 @@ def test_html_page_escapes_every_registry_string(tmp_path):
     assert page.count("data:image/png;base64,") == 2  # group bars and training curves, drawn despite the names
     assert page.count("<section") == page.count("</section>") == len(runs)
     assert page.count("</style>") == 1 and "alert(4)" in page  # there, as text
+
+
+def test_csv_cells_never_start_a_spreadsheet_formula(tmp_path):
+    """A method named '=HYPERLINK(...)' is text in a spreadsheet, not a formula; negative numbers
+    (a Δ below the paper) stay numbers."""
+    reg = registry(tmp_path, "=HYPERLINK(\"http://x\",\"y\")", "@split", "+tag")
+    reg.log_probe(reg.create_run("simclr", "split1", 10, 2, {}, status="done"), "full", 0, 40.0)
+    text = render_report(reg.runs_frame(), reg.probe_frame(), "csv", "full", (1,))
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert all(not v.startswith(("=", "+", "@")) for r in rows for v in r.values()), text
+    assert "'=HYPERLINK(\"http://x\",\"y\")" in [r["method"] for r in rows]
+    simclr = next(r for r in rows if r["method"] == "simclr")
+    assert float(simclr["full_diff"]) < 0  # 40 against the paper's number: a number, unquoted
