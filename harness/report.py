@@ -901,7 +901,7 @@ def plot_per_class(points: pd.DataFrame, shot: str, out: Path, label: str | None
                 marker="o" if classes <= 20 else None, ms=3)
     ax.set(xscale="log", xlabel="images of the class in the pretraining split",
            ylabel=f"{SHOT_LABEL[shot]} per-class accuracy (%)",
-           title="Per-class accuracy vs class size" + (f" ({label}, {classes} classes)" if label else ""))
+           title="Per-class accuracy vs class size" + (f"\n{plot_label(label)}, {classes} classes" if label else ""))
     outside_legend(ax)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
