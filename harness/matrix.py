@@ -112,7 +112,7 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
 def check_settings(s: MatrixSettings) -> None:
     """Refuse a bad matrix before any cell starts: methods, every cell's recipe, devices, probes."""
     from methods import registry
-    from harness.train import TrainError, make_config, resolve_device
+    from harness.train import TrainError, resolve_device
 
     known = registry.names()
     unknown = [m for m in s.methods if m not in known]
@@ -123,8 +123,7 @@ def check_settings(s: MatrixSettings) -> None:
             raise MatrixError(f"--set {name}=...: none of the methods {', '.join(s.methods)} has an option "
                               f"{name!r} (`harness methods` lists each method's options)")
     for m in s.methods:  # the same validation `harness train` applies, with this matrix's settings
-        make_config(m, s.splits[0], options=s.options_for(m), epochs=s.epochs, batch_size=s.batch_size,
-                    width=s.width, precision=s.precision, compile_mode=s.compile_mode,
+        cell_config(Cell(m, s.splits[0], s.seeds[0]), s, precision=s.precision, compile_mode=s.compile_mode,
                     checkpoint_every=s.checkpoint_every)
     for d in s.devices:
         try:
@@ -154,14 +153,19 @@ def cells_of(s: MatrixSettings) -> list[Cell]:
     return [Cell(m, sp, seed) for sp in s.splits for m in s.methods for seed in s.seeds]
 
 
-def cell_recipe(cell: Cell, s: MatrixSettings) -> dict:
-    """The method recipe this matrix trains `cell` with (the paper's, with its --epochs, --batch-size,
-    --width and --set changes): a run of the cell counts only if it followed this recipe."""
+def cell_config(cell: Cell, s: MatrixSettings, **runtime):
+    """The TrainConfig `cell` trains with: the method's paper recipe with this matrix's --epochs,
+    --batch-size, --width and --set changes; `runtime` adds device, folders and the like."""
     from harness.train import make_config
 
-    mc = make_config(cell.method, cell.split, options=s.options_for(cell.method), epochs=s.epochs,
-                     batch_size=s.batch_size, width=s.width, seed=cell.seed).method
-    return {k: v for k, v in mc.to_dict().items() if k != "name"}
+    return make_config(cell.method, cell.split, options=s.options_for(cell.method), epochs=s.epochs,
+                       batch_size=s.batch_size, width=s.width, seed=cell.seed, **runtime)
+
+
+def cell_recipe(cell: Cell, s: MatrixSettings) -> dict:
+    """The method recipe this matrix trains `cell` with: a run of the cell counts only if it
+    followed this recipe."""
+    return {k: v for k, v in cell_config(cell, s).method.to_dict().items() if k != "name"}
 
 
 def same_recipe(run: dict, recipe: dict) -> bool:
@@ -229,7 +233,7 @@ def run_cell(cell: Cell, s: MatrixSettings, device: str) -> str:
 
 def _run_claimed_cell(reg: Registry, cell: Cell, s: MatrixSettings, device: str, owner: str) -> str:
     from harness.evaluate import evaluate_run, parse_shots, plan_evaluation
-    from harness.train import RunBusy, make_config, normalise_split_name, train
+    from harness.train import RunBusy, normalise_split_name, train
 
     action, run_id = plan_cell(reg, cell, s, owner=owner)  # again: the registry may have moved on
     if action in ("skip", ELSEWHERE):
@@ -240,11 +244,10 @@ def _run_claimed_cell(reg: Registry, cell: Cell, s: MatrixSettings, device: str,
                             Path(s.splits_root) if s.splits_root else None, parse_shots(s.shots),
                             probe_family=s.probe_family)
         if action in ("train", "resume"):
-            cfg = make_config(cell.method, cell.split, options=s.options_for(cell.method), epochs=s.epochs,
-                              batch_size=s.batch_size, width=s.width, seed=cell.seed,
-                              device=device, precision=s.precision, compile=s.compile, compile_mode=s.compile_mode,
-                              checkpoint_every=s.checkpoint_every, tags=list(s.tags) + ["matrix"],
-                              data_root=s.data_root, splits_root=s.splits_root, checkpoint_dir=s.checkpoint_dir)
+            cfg = cell_config(cell, s, device=device, precision=s.precision, compile=s.compile,
+                              compile_mode=s.compile_mode, checkpoint_every=s.checkpoint_every,
+                              tags=list(s.tags) + ["matrix"], data_root=s.data_root, splits_root=s.splits_root,
+                              checkpoint_dir=s.checkpoint_dir)
             try:
                 out = train(cfg, reg, resume=run_id if action == "resume" else None, progress=False)
             except RunBusy:  # a `harness train --resume` elsewhere took the run first

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from harness.groups import THIRDS, GroupRule, class_groups, group_sizes, parse_groups  # noqa: F401 (re-exported)
+from harness.groups import THIRDS, GroupRule, class_groups
 
 FEATURE_DIM = 512
 

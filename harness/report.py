@@ -210,7 +210,7 @@ def report_notes(runs: pd.DataFrame, probes: pd.DataFrame) -> list[str]:
     return notes
 
 
-def _config(v) -> dict:
+def _dict(v) -> dict:
     return v if isinstance(v, dict) else {}
 
 
@@ -220,7 +220,7 @@ def test_limited_runs(dprobes: pd.DataFrame) -> list[str]:
         return []
     out = {}
     for _, p in dprobes.iterrows():
-        c = _config(p["config"])
+        c = _dict(p["config"])
         if c.get("test_limit"):
             out.setdefault(p["run_id"], f"#{p['run_id']} ({c.get('test_images')} of "
                                         f"{c.get('test_images_total')} test images)")
@@ -250,10 +250,6 @@ def run_ids_text(ids) -> str:
             parts.append(f"#{start}" if start == rid else f"#{start}-#{rid}")
             start = None
     return ", ".join(parts)
-
-
-def _dict(v) -> dict:
-    return v if isinstance(v, dict) else {}
 
 
 def resumed_runs(runs: pd.DataFrame) -> dict[int, int]:
@@ -694,11 +690,11 @@ TABLES = (1, 2, 3, 4)  # the paper's two tables, cost, environment
 def run_dataset(config) -> tuple[str, str | None, int]:
     """(name, known dataset, classes) a run trained on; runs from before datasets were recorded
     could only train on CIFAR-100."""
-    c = _config(config)
+    c = _dict(config)
     name = c.get("dataset") if isinstance(c.get("dataset"), str) else None
     if name is None:
         return PAPER_DATASET, PAPER_DATASET, 100
-    info = _config(c.get("dataset_info"))
+    info = _dict(c.get("dataset_info"))
     classes = info.get("classes") if isinstance(info.get("classes"), int) else 100
     return name, info.get("known") if isinstance(info.get("known"), str) else None, classes
 
@@ -746,7 +742,9 @@ def dataset_groups(runs: pd.DataFrame, probes: pd.DataFrame, dataset: str | None
 
 
 def thirds(classes: int) -> dict[str, int]:
-    return {"many": classes - 2 * (classes // 3), "medium": classes // 3, "few": classes // 3}
+    """Group sizes of the paper's rule at `classes` classes (the rule itself lives in harness.groups)."""
+    from harness.groups import group_sizes
+    return group_sizes(np.zeros(classes, dtype=int))
 
 
 def group_sizes_text(group: DatasetGroup, shot: str) -> str:
@@ -756,8 +754,8 @@ def group_sizes_text(group: DatasetGroup, shot: str) -> str:
     sel = dprobes[dprobes["kind"] == shot] if len(dprobes) else dprobes
     variants: dict[tuple, set] = {}
     for _, p in sel.iterrows():
-        g = _config(_config(p.get("config")).get("groups"))
-        sizes = _config(g.get("sizes")) or (thirds(group.classes) if g.get("rule", "thirds") == "thirds" else {})
+        g = _dict(_dict(p.get("config")).get("groups"))
+        sizes = _dict(g.get("sizes")) or (thirds(group.classes) if g.get("rule", "thirds") == "thirds" else {})
         if not sizes:
             continue
         rule = ((f"Many > {g['many_above']} / Few < {g['few_below']} images",) if g.get("rule") == "counts" else ())
@@ -845,7 +843,6 @@ def render_report(runs: pd.DataFrame, probes: pd.DataFrame, fmt: str = "term", s
                   for r in made]
         return render_csv(pd.concat(frames, ignore_index=True) if several else frames[0])
     return "\n".join(RENDERERS[fmt](*r.parts) for r in made)
-    return "\n".join(parts)
 
 
 # -- plots ---------------------------------------------------------------------------------------

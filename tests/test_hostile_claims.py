@@ -8,7 +8,6 @@ import threading
 import time
 from datetime import timedelta
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
