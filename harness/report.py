@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Optional, Sequence
 import numpy as np
 import typer
 
+from harness.data import PAPER_DATASET
+
 if TYPE_CHECKING:  # annotations only; the real import is deferred (see the module docstring)
     import pandas as pd
 
@@ -699,7 +701,6 @@ def run_dataset(config) -> tuple[str, str | None, int]:
     return name, info.get("known") if isinstance(info.get("known"), str) else None, classes
 
 
-PAPER_DATASET = "cifar100"
 KNOWN_CLASSES = {"cifar100": 100, "cifar10": 10}
 
 

@@ -30,7 +30,7 @@ import torch
 from torch.profiler import record_function
 
 from harness.errors import HarnessError, describe_os_error
-from harness.data import load_dataset, sha256_array, sha256_file
+from harness.data import PAPER_DATASET, load_dataset, sha256_array, sha256_file
 from harness.registry import (Heartbeat, Registry, RegistryError, RegistryUnreachable, check_tags, new_owner,
                               utcnow)
 from harness.safeio import check_readable, load_torch
@@ -247,9 +247,9 @@ def dataset_of(cfg: TrainConfig) -> str:
     if cfg.dataset:
         return cfg.dataset
     try:
-        return split_dataset(cfg.split) or "cifar100"
+        return split_dataset(cfg.split) or PAPER_DATASET
     except HarnessError:  # an unknown split: said when it is loaded, after the data
-        return "cifar100"
+        return PAPER_DATASET
 
 
 def load_pretraining_images(cfg: TrainConfig, device: torch.device):

@@ -300,12 +300,3 @@ def parse_options(method: str, items: typing.Iterable[str], only_known: bool = F
         out[name] = parse_value(text, hints[name], f"--set {name}={text}")
     return out
 
-
-def departures(method: str, recorded: dict) -> list[str]:
-    """'option=value' for each of the method's own options that a run's recorded config sets off
-    the paper's value (shown in reports); [] for a method no installed package registers."""
-    e = entries().get(method)
-    if e is None or not isinstance(recorded, dict):
-        return []
-    paper = e.options()
-    return [f"{k}={recorded[k]!r}" for k in paper if k in recorded and recorded[k] != paper[k]]
